@@ -1,0 +1,85 @@
+"""AlignmentPlan: which base tensor is compared with which candidate tensor, and how rows/columns correspond.
+
+Measurement consumes only plans. The identity plan pairs tensors with the same canonical key and the same shape;
+richer plans (permutations, layer maps, vocabulary row maps, fused-tensor splits) come from the alignment stage.
+Row maps are expressed in the base's row index space: ``row_map[i]`` is the candidate row compared with base row
+``base_rows[i]`` (both in the tensors' 2-D views).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+# What an axis of a tensor means for the null (DESIGN §Statistics 1): only "arbitrary" axes may be permuted.
+ARBITRARY, VOCAB, POSITION, ROTARY, TYPE = "arbitrary", "vocab", "position", "rotary", "type"
+
+
+@dataclass(frozen=True, eq=False)
+class PairSpec:
+    """One comparison: base tensor vs candidate tensor.
+
+    base_rows/cand_rows: int arrays of equal length selecting rows of each 2-D view (None = all rows, in order).
+    col_map: candidate column for each base column (None = identity). col_sign: ±1 per base column or None.
+    axes: meaning of (row axis, column axis) for the null; 1-D tensors have a single-entry tuple.
+    """
+
+    key: Any                       # CanonicalKey
+    base_name: str
+    cand_name: str
+    shape: tuple[int, ...]         # compared 2-D shape (rows, cols) in the base's index space, or (n,) for 1-D
+    axes: tuple[str, ...]
+    component: str
+    layer: int | None = None
+    base_rows: np.ndarray | None = None
+    cand_rows: np.ndarray | None = None
+    col_map: np.ndarray | None = None
+    col_sign: np.ndarray | None = None
+    layout: str | None = None      # e.g. "transpose", "split:0:128" (fused tensors), "rotary:interleaved"
+    note: str | None = None
+
+    @property
+    def n_rows(self) -> int:
+        return self.shape[0] if len(self.shape) == 2 else 1
+
+    @property
+    def n_cols(self) -> int:
+        return self.shape[-1]
+
+    @property
+    def numel(self) -> int:
+        return self.n_rows * self.n_cols
+
+    @property
+    def is_vector(self) -> bool:
+        return len(self.shape) == 1
+
+    @property
+    def n_arbitrary(self) -> int:
+        return sum(a == ARBITRARY for a in self.axes)
+
+
+@dataclass(frozen=True)
+class Unmatched:
+    """A tensor on one side with no counterpart on the other, and why."""
+
+    side: str  # "base" | "model"
+    name: str
+    reason: str
+
+    def to_dict(self) -> dict[str, str]:
+        return {"side": self.side, "name": self.name, "reason": self.reason}
+
+
+@dataclass(frozen=True)
+class AlignmentPlan:
+    pairs: tuple[PairSpec, ...]
+    unmatched: tuple[Unmatched, ...] = ()
+    summary: dict[str, Any] = field(default_factory=dict)  # alignment{residual,units,heads,layers,experts,vocab}
+    notes: tuple[str, ...] = ()
+
+    @property
+    def compared_params(self) -> int:
+        return sum(p.numel for p in self.pairs)

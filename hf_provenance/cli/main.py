@@ -1,0 +1,90 @@
+"""The ``hf-provenance`` command: thin argument parsing; every failure becomes one line and an exit code.
+
+Exit codes (DESIGN): 0 done; 1 --fail-on matched; 2 usage or input error; 3 runtime or I/O failure; 130 interrupted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import sys
+import traceback
+
+from hf_provenance import __version__
+from hf_provenance.errors import Interrupted, ProvenanceError
+
+# exception type -> (exit code, message prefix); first match wins. ProvenanceError subclasses carry their own code.
+ERROR_TABLE: tuple[tuple[type[BaseException], int, str], ...] = (
+    (KeyboardInterrupt, 130, "interrupted"),
+    (ProvenanceError, -1, ""),
+    (MemoryError, 3, "out of memory"),
+    (OSError, 3, "I/O error"),
+)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from hf_provenance.cli import commands
+
+    parser = _Parser(
+        prog="hf-provenance",
+        description="Do this model's weights share lineage with a given base model, or were they trained "
+                    "independently?")
+    parser.add_argument("--version", action="version", version=f"hf-provenance {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    for spec in commands.COMMANDS:
+        p = sub.add_parser(spec.name, help=spec.help, description=spec.help)
+        spec.add_arguments(p)
+        p.set_defaults(_run=spec.run)
+    return parser
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that reports a usage error as one line (and exit 2) instead of the usage block."""
+
+    def error(self, message):
+        print(f"{self.prog}: usage error: {message} (see '{self.prog} --help')", file=sys.stderr)
+        raise SystemExit(2)
+
+
+def _on_sigterm(signum, frame):  # pragma: no cover - exercised through a subprocess test
+    raise Interrupted("hf-provenance", "terminated by signal")
+
+
+def main(argv: list[str] | None = None) -> int:
+    signal.signal(signal.SIGTERM, _on_sigterm)
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # argparse already printed its usage line
+        return 2 if exc.code not in (0, None) else 0
+    if not getattr(args, "_run", None):
+        parser.print_help(sys.stderr)
+        return 2
+    try:
+        return int(args._run(args) or 0)
+    except BaseException as exc:  # noqa: BLE001 - one table turns every failure into a line and a code
+        if isinstance(exc, SystemExit):
+            raise
+        return _report(exc)
+
+
+def _report(exc: BaseException) -> int:
+    if os.environ.get("HF_PROVENANCE_DEBUG") == "1":
+        traceback.print_exc()
+    for kind, code, prefix in ERROR_TABLE:
+        if isinstance(exc, kind):
+            if isinstance(exc, ProvenanceError):
+                print(f"hf-provenance: {exc.where}: {exc.problem}", file=sys.stderr)
+                return exc.exit_code
+            detail = str(exc) or exc.__class__.__name__
+            print(f"hf-provenance: {prefix}: {detail}" if prefix != "interrupted" else "hf-provenance: interrupted",
+                  file=sys.stderr)
+            return code
+    print(f"hf-provenance: internal error: {exc.__class__.__name__}: {exc} "
+          "(set HF_PROVENANCE_DEBUG=1 for the traceback)", file=sys.stderr)
+    return 3
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

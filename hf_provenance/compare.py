@@ -1,0 +1,162 @@
+"""compare(MODEL, BASES): the pipeline of DESIGN from refs to a CompareReport.
+
+source → architecture → alignment → measurement → statistics → verdict. Each base is opened, compared and closed
+in turn, so two bases are never held together; only row blocks of the current pair are in memory.
+"""
+
+from __future__ import annotations
+
+import shlex
+import sys
+import time
+from datetime import datetime, timezone
+
+import numpy as np
+
+from hf_provenance import __version__
+from hf_provenance.alignment.identity import identity_plan
+from hf_provenance.errors import UsageError
+from hf_provenance.measurement.stream import measure_plan
+from hf_provenance.result import Comparison, CompareReport, ModelRef
+from hf_provenance.statistics import aggregate, folk
+from hf_provenance.statistics.tensor import summarize
+from hf_provenance.statistics.thresholds import load as load_thresholds
+from hf_provenance.verdict import decide, hub_relation
+
+
+def _ref(src) -> ModelRef:
+    return ModelRef(src.ref, src.revision, src.content_id.to_dict(), src.kind)
+
+
+def _arch(base, model) -> dict | None:
+    if not base.config or not model.config:
+        return None
+    try:
+        from hf_provenance.architecture import compare_specs, normalise
+
+        return compare_specs(normalise(base.config), normalise(model.config)).to_dict()
+    except Exception as exc:  # noqa: BLE001 - the architecture table is context, never a verdict input
+        return {"error": str(exc)}
+
+
+def compare_one(model, base, *, sample: float | None, seed: int, device: str, progress=None) -> Comparison:
+    th = load_thresholds()
+    t0 = time.perf_counter()
+    read0 = (model.reader.bytes_read, base.reader.bytes_read)
+    plan, facts = identity_plan(base, model)
+    measurements = measure_plan(plan, base, model, fraction=sample, seed=seed, device=device, progress=progress)
+    tensors = [summarize(m, seed=seed) for m in measurements]
+    tensors.sort(key=lambda t: (t.layer if t.layer is not None else -1, t.name))
+    components = aggregate.by(tensors, lambda t: t.component, th)
+    layer_groups = aggregate.by([t for t in tensors if t.layer is not None], lambda t: t.layer, th)
+    overall = aggregate.group("overall", [t for t in tensors if t.evidence], th)
+
+    vmap = facts["vocab"]
+    lay_b, lay_m = facts["layers"]
+    containment = {"layers": (lay_b, lay_m)}
+    emb = [t for t in tensors if t.component == "embeddings" and t.key.startswith("token_embd")]
+    if vmap is not None:
+        containment["vocab"] = (vmap.base_size, vmap.model_size)
+        if emb and emb[0].rowhash_jaccard is not None:
+            containment["vocab_rows_unchanged"] = emb[0].rowhash_jaccard == 1.0
+    not_compared = [f"{u.side} tensor {u.name}: {u.reason}" for u in plan.unmatched
+                    if "counted once" not in u.reason and "buffer" not in u.reason]
+    verdict = decide(tensors, components, th, aligned_params=0, containment=containment,
+                     sampled=bool(sample), not_compared=not_compared,
+                     quantized=model.quantization)
+
+    n_layers = max(lay_b, 1)
+    layers = []
+    for layer in sorted(layer_groups):
+        g = layer_groups[layer]
+        layers.append(g)
+    mean_layer_cos = float(np.mean([g.cos_mean for g in layers if g.cos_mean is not None])) if layers else None
+    emb_cos = emb[0].cosine.value if emb else None
+    declared = _declared(model, base, verdict)
+    bytes_model = model.reader.bytes_read - read0[0]
+    bytes_base = base.reader.bytes_read - read0[1]
+    total = sum(base.inventory[p.base_name].nbytes + model.inventory[p.cand_name].nbytes for p in plan.pairs)
+    io = {"bytes_read": {"model": bytes_model, "base": bytes_base}, "bytes_total": total,
+          "fraction_read": (bytes_model + bytes_base) / total if total else 0.0,
+          "seconds": time.perf_counter() - t0}
+    alignment = dict(plan.summary)
+    alignment.update({"residual": None, "units": None, "heads": None, "layers": None, "experts": None,
+                      "lines": [f"identity plan: {len(plan.pairs)} tensor pairs by canonical key; "
+                                f"{len(plan.unmatched)} without counterpart"]})
+    if vmap is not None:
+        alignment["lines"].append(f"vocabulary: {vmap.shared} shared rows by {vmap.method} "
+                                  f"(base {vmap.base_size}, model {vmap.model_size})")
+    comparison = Comparison(
+        base=_ref(base), verdict=verdict, components=components,
+        layers=tuple(layers), layer_readings=tuple(_layer_reading(g, n_layers) for g in layers), overall=overall, tensors=tuple(tensors),
+        alignment=alignment, architecture=_arch(base, model), io=io, declared=declared,
+        rule_of_thumb=folk.rule_of_thumb(mean_layer_cos, emb_cos),
+        unmatched=tuple(u.to_dict() for u in plan.unmatched))
+    return comparison
+
+
+def _layer_reading(g, n_layers: int) -> dict:
+    pos = folk.depth_position(int(g.name), n_layers)
+    lo, hi = folk.FINETUNE_PROFILE[pos]
+    return {"band": folk.band(g.cos_mean), "position": pos, "typical_finetune": f"{lo:.2f}-{hi:.2f} ({pos})"}
+
+
+def _declared(model, base, verdict) -> dict:
+    declared = list(model.card.base_model)
+    rel = model.card.base_model_relation
+    is_declared = any(_same_ref(d, base.ref) for d in declared)
+    implied = hub_relation(list(verdict.relation)) if verdict.verdict in ("derived", "identical", "partial") else None
+    msg = None
+    if is_declared:
+        if verdict.verdict in ("independent",):
+            msg = f"the card declares {base.ref} as base_model, but the weights show no shared lineage"
+        elif verdict.verdict == "inconclusive":
+            msg = f"the card declares {base.ref} as base_model; the weights could not confirm it"
+        else:
+            msg = f"the card declares {base.ref} as base_model: confirmed by the weights"
+            if rel and implied and rel != implied:
+                msg += f"; declared relation '{rel}' but the evidence suggests '{implied}'"
+    return {"base_model": declared, "base_model_relation": rel, "is_declared_base": is_declared,
+            "implied_relation": implied, "message": msg}
+
+
+def _same_ref(a: str, b: str) -> bool:
+    return a.split("@")[0].rstrip("/") == b.split("@")[0].rstrip("/")
+
+
+def compare(model_ref: str, base_refs: list[str] | None = None, *, sample: float | None = None, seed: int = 0,
+            device: str = "cpu", open_fn=None, progress=None) -> CompareReport:
+    from hf_provenance.sources import open_model
+
+    open_fn = open_fn or open_model
+    if sample is not None and not (0.0 < sample <= 1.0):
+        raise UsageError("--sample", f"must be in (0, 1], got {sample}")
+    started = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    t0 = time.perf_counter()
+    model = open_fn(model_ref)
+    notes = []
+    if not base_refs:
+        base_refs = list(model.card.base_model)
+        if not base_refs:
+            raise UsageError(model_ref, "the model card declares no base_model: pass --base BASE")
+        notes.append(f"bases taken from the model card's base_model: {', '.join(base_refs)}")
+    comparisons = []
+    for ref in base_refs:
+        base = open_fn(ref)
+        comparisons.append(compare_one(model, base, sample=sample, seed=seed, device=device, progress=progress))
+    ranked = sorted(range(len(comparisons)), key=lambda i: _rank_key(comparisons[i]))
+    from dataclasses import replace
+
+    comparisons = [replace(comparisons[i], rank=r + 1) for r, i in enumerate(ranked)]
+    th = load_thresholds()
+    run = {"command": " ".join(shlex.quote(a) for a in ["hf-provenance"] + sys.argv[1:]) if sys.argv else "",
+           "seed": seed, "sample": sample, "device": device, "started": started,
+           "seconds": time.perf_counter() - t0, "thresholds": th.to_dict()}
+    return CompareReport({"name": "hf-provenance", "version": __version__}, run, _ref(model),
+                         tuple(comparisons), tuple(notes))
+
+
+def _rank_key(c: Comparison):
+    order = {"identical": 0, "derived": 1, "partial": 2, "inconclusive": 3, "independent": 4}
+    eff = c.overall.r_abs_mean or 0.0
+    return (order[c.verdict.verdict] if c.verdict.verdict == "identical" else 1, -eff)

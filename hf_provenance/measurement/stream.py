@@ -1,0 +1,171 @@
+"""Stream the pairs of an AlignmentPlan through the accumulators, one row block at a time.
+
+Never holds a whole tensor of a large model: each block of base rows is read with the matching candidate rows
+(through the plan's row map), mapped into the base's column order, and folded into float64 sums. The next block is
+read on a background thread while the current one is computed (preadv and torch both release the GIL).
+"""
+
+from __future__ import annotations
+
+import zlib
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from hf_provenance.alignment.plan import ARBITRARY, AlignmentPlan, PairSpec
+from hf_provenance.measurement.accumulate import ByteHasher, PairAccumulator, SimHasher, row_hashes
+from hf_provenance.measurement.sampling import RowSample, block_rows, draw
+from hf_provenance.sources.base import DTYPES
+
+# torch dtypes a higher-precision base can be re-rounded to, to detect an exact cast
+_CAST_TARGETS = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32}
+_PRECISION = {"F64": 64, "F32": 32, "BF16": 16, "F16": 16, "F8_E4M3": 8, "F8_E5M2": 8}
+
+
+@dataclass
+class TensorMeasurement:
+    """Raw sums of one compared pair; ``statistics.tensor`` turns them into effects."""
+
+    pair: PairSpec
+    sample: RowSample
+    acc: PairAccumulator
+    dtype_a: str
+    dtype_b: str
+    vec_a: np.ndarray | None = None   # 1-D pairs keep both vectors (small) for the permutation test
+    vec_b: np.ndarray | None = None
+    sha_a: str | None = None
+    sha_b: str | None = None
+    simhash_a: str | None = None
+    simhash_b: str | None = None
+    rowhash_jaccard: float | None = None
+    notes: list[str] = field(default_factory=list)
+
+
+def _runs(idx: np.ndarray) -> list[tuple[int, int, int]]:
+    """Contiguous runs of ascending indices: (position in idx, start row, stop row)."""
+    out, i, n = [], 0, len(idx)
+    while i < n:
+        j = i
+        while j + 1 < n and idx[j + 1] == idx[j] + 1:
+            j += 1
+        out.append((i, int(idx[i]), int(idx[j]) + 1))
+        i = j + 1
+    return out
+
+
+def read_indexed(reader, name: str, idx: np.ndarray | None, start: int, stop: int, *, raw: bool) -> torch.Tensor:
+    """Rows idx[start:stop] (or rows start..stop when idx is None), coalescing contiguous runs into single reads."""
+    fetch = reader.read_raw if raw else reader.read_rows
+    if idx is None:
+        return fetch(name, start, stop)
+    sel = np.asarray(idx[start:stop])
+    uniq, inverse = np.unique(sel, return_inverse=True)
+    parts = [fetch(name, a, b) for _, a, b in _runs(uniq)]
+    rows = torch.cat(parts) if len(parts) > 1 else parts[0]
+    if len(uniq) == len(sel) and np.array_equal(uniq, sel):
+        return rows
+    return rows[torch.from_numpy(inverse.reshape(-1))]
+
+
+def _cast_target(dtype_a: str, dtype_b: str) -> torch.dtype | None:
+    if dtype_b in _CAST_TARGETS and _PRECISION.get(dtype_a, 0) > _PRECISION.get(dtype_b, 0):
+        return _CAST_TARGETS[dtype_b]
+    return None
+
+
+def measure_pair(pair: PairSpec, base, cand, *, fraction: float | None, rng: np.random.Generator,
+                 device: torch.device, seed: int) -> TensorMeasurement:
+    """Measure one pair. ``base``/``cand`` are ModelSources."""
+    ia, ib = base.inventory[pair.base_name], cand.inventory[pair.cand_name]
+    n_cols = pair.n_cols
+    sample = draw(pair.n_rows, n_cols * ia.itemsize, fraction, rng)
+    scaled_a = _has_scale(base, pair.base_name)
+    scaled_b = _has_scale(cand, pair.cand_name)
+    in_order = pair.base_rows is None and pair.cand_rows is None
+    full_in_order = sample.full and in_order
+    acc = PairAccumulator(
+        n_cols=n_cols, keep_blocks=not sample.full,
+        sketch=(not pair.is_vector and pair.n_arbitrary == 1 and pair.axes[-1] == ARBITRARY),
+        device=device, seed=seed, cast_dtype=_cast_target(ia.dtype, ib.dtype) if not scaled_b else None)
+    m = TensorMeasurement(pair, sample, acc, ia.dtype, ib.dtype)
+    hash_a = ByteHasher() if full_in_order and not scaled_a else None
+    hash_b = ByteHasher() if full_in_order and not scaled_b else None
+    sim_a = SimHasher(n_cols, seed) if full_in_order and ia.is_float else None
+    sim_b = SimHasher(n_cols, seed) if full_in_order and ib.is_float else None
+    want_rowhash = sample.full and pair.axes[0] in ("vocab",) and not pair.is_vector
+    rh_a, rh_b, vec_a, vec_b = [], [], [], []
+
+    def load(block):
+        s, e = block
+        out = []
+        for src, name, idx, scaled in ((base, pair.base_name, pair.base_rows, scaled_a),
+                                       (cand, pair.cand_name, pair.cand_rows, scaled_b)):
+            if scaled:
+                out.append((None, read_indexed(src.reader, name, idx, s, e, raw=False)))
+            else:
+                raw = read_indexed(src.reader, name, idx, s, e, raw=True)
+                out.append((raw, raw.to(torch.float32)))
+        return out
+
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        pending = pool.submit(load, sample.blocks[0]) if sample.blocks else None
+        for i, block in enumerate(sample.blocks):
+            (raw_a, a), (raw_b, b) = pending.result()
+            if i + 1 < len(sample.blocks):
+                pending = pool.submit(load, sample.blocks[i + 1])
+            a = a.reshape(-1, ia.row_len)
+            b = b.reshape(-1, ib.row_len)
+            if hash_a is not None:
+                hash_a.update(raw_a)
+            if hash_b is not None:
+                hash_b.update(raw_b)
+            if sim_a is not None:
+                sim_a.update(a, block[0])
+            if sim_b is not None:
+                sim_b.update(b, block[0])
+            if pair.col_map is not None:
+                b = b[:, torch.from_numpy(np.asarray(pair.col_map))]
+            if pair.col_sign is not None:
+                b = b * torch.from_numpy(np.asarray(pair.col_sign, dtype=np.float32))
+            if want_rowhash:
+                rh_a.append(row_hashes(a, seed))
+                rh_b.append(row_hashes(b, seed))
+            if pair.is_vector:
+                vec_a.append(a.reshape(-1).numpy().astype(np.float64))
+                vec_b.append(b.reshape(-1).numpy().astype(np.float64))
+            acc.update(a, b)
+    if hash_a is not None:
+        m.sha_a, m.sha_b = hash_a.hexdigest(), hash_b.hexdigest() if hash_b else None
+    if sim_a is not None and sim_b is not None:
+        m.simhash_a, m.simhash_b = sim_a.digest(), sim_b.digest()
+    if want_rowhash and rh_a:
+        ha, hb = set(np.concatenate(rh_a).tolist()), set(np.concatenate(rh_b).tolist())
+        m.rowhash_jaccard = len(ha & hb) / max(1, len(ha | hb))
+    if pair.is_vector:
+        m.vec_a, m.vec_b = np.concatenate(vec_a), np.concatenate(vec_b)
+    return m
+
+
+def _has_scale(src, name: str) -> bool:
+    fn = getattr(src.reader, "scale_companion", None)
+    return bool(fn and fn(name))
+
+
+def measure_plan(plan: AlignmentPlan, base, cand, *, fraction: float | None, seed: int,
+                 device: str | torch.device = "cpu", progress=None) -> list[TensorMeasurement]:
+    """Measure every pair of the plan in base file order (so reads are mostly sequential)."""
+    dev = torch.device(device)
+    inv = base.inventory
+    order = sorted(plan.pairs, key=lambda p: (inv[p.base_name].file, inv[p.base_name].start))
+    out = []
+    for p in order:
+        out.append(measure_pair(p, base, cand, fraction=fraction, rng=np.random.default_rng([seed, zlib.crc32(p.base_name.encode())]),
+                                device=dev, seed=seed))
+        if progress is not None:
+            progress(p, sum(b - a for a, b in out[-1].sample.blocks) * inv[p.base_name].row_bytes)
+    return out
+
+
+__all__ = ["TensorMeasurement", "measure_pair", "measure_plan", "read_indexed", "block_rows", "DTYPES"]

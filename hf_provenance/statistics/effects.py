@@ -1,0 +1,159 @@
+"""Per-tensor effect sizes with their nulls (DESIGN §Statistics 1-2, 5).
+
+Pearson after removing the means along each arbitrary axis ("double-centred" for matrices):
+  num = Sab − Rab/n − colA·colB/m + Sa·Sb/(m n),  den_X = Sxx − Rxx/n − |colX|²/m + Sx²/(m n)
+with R.. the sums of products of row sums. Nulls:
+- two arbitrary axes: under independent uniform permutations of B's rows and columns, E[r] = 0 and
+  Var[r] = 1/((m−1)(n−1)) exactly, so z = r·√((m−1)(n−1)).
+- one arbitrary axis (columns; rows are tokens or positions): Hoeffding's combinatorial CLT for a permutation of
+  B's columns: E = 0 (B's rows are centred) and Var[num] = ‖Acᵀ Bc‖²_F/(n−1), estimated from a Gaussian sketch.
+- 1-D vectors over an arbitrary axis: Monte-Carlo permutation of B, p = (k+1)/(K+1) (Phipson & Smyth 2010).
+Normal p-values are nominal; decisions rest on effect sizes and calibrated thresholds (``thresholds``).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+from scipy import stats as _st
+
+from hf_provenance.measurement.accumulate import SCALARS
+
+_I = {name: i for i, name in enumerate(SCALARS)}
+TINY = 1e-30
+
+
+@dataclass(frozen=True)
+class Statistic:
+    """A statistic as the JSON contract has it: value, interval, z, p, the null's name and n."""
+
+    value: float | None
+    ci: tuple[float, float] | None = None
+    z: float | None = None
+    p: float | None = None
+    null_method: str | None = None
+    n: int | None = None
+    note: str | None = None
+
+    def to_dict(self) -> dict:
+        d = {"value": _clean(self.value), "ci": [_clean(self.ci[0]), _clean(self.ci[1])] if self.ci else None,
+             "z": _clean(self.z), "p": _clean(self.p), "null_method": self.null_method, "n": self.n}
+        if self.note:
+            d["note"] = self.note
+        return d
+
+
+def _clean(x):
+    if x is None:
+        return None
+    x = float(x)
+    return x if math.isfinite(x) else None
+
+
+def centred_parts(t: np.ndarray, col_a: np.ndarray, col_b: np.ndarray, n: int) -> tuple[float, float, float]:
+    """(num, den_a, den_b) of the double-centred Pearson from the scalar sums and column sums."""
+    m = t[_I["rows"]]
+    if m <= 0:
+        return 0.0, 0.0, 0.0
+    mn = m * n
+    num = t[_I["Sab"]] - t[_I["Rab"]] / n - float(col_a @ col_b) / m + t[_I["Sa"]] * t[_I["Sb"]] / mn
+    da = t[_I["Saa"]] - t[_I["Raa"]] / n - float(col_a @ col_a) / m + t[_I["Sa"]] ** 2 / mn
+    db = t[_I["Sbb"]] - t[_I["Rbb"]] / n - float(col_b @ col_b) / m + t[_I["Sb"]] ** 2 / mn
+    return num, da, db
+
+
+def vector_parts(t: np.ndarray, n: int) -> tuple[float, float, float]:
+    """(num, den_a, den_b) of the ordinary Pearson of two vectors of length n."""
+    num = t[_I["Sab"]] - t[_I["Sa"]] * t[_I["Sb"]] / n
+    da = t[_I["Saa"]] - t[_I["Sa"]] ** 2 / n
+    db = t[_I["Sbb"]] - t[_I["Sb"]] ** 2 / n
+    return num, da, db
+
+
+def ratio(num: float, da: float, db: float) -> float | None:
+    scale = max(abs(da), abs(db), TINY)
+    if da <= 1e-12 * scale or db <= 1e-12 * scale or da <= TINY or db <= TINY:
+        return None
+    return float(np.clip(num / math.sqrt(da * db), -1.0, 1.0))
+
+
+def cosine(t: np.ndarray) -> float | None:
+    saa, sbb = t[_I["Saa"]], t[_I["Sbb"]]
+    if saa <= TINY or sbb <= TINY:
+        return None
+    return float(np.clip(t[_I["Sab"]] / math.sqrt(saa * sbb), -1.0, 1.0))
+
+
+def two_sided_p(z: float) -> float:
+    return float(2.0 * _st.norm.sf(abs(z)))
+
+
+def z_two_axes(r: float, m: int, n: int) -> float:
+    return r * math.sqrt(max(m - 1, 1) * max(n - 1, 1))
+
+
+def z_one_axis(num: float, sketch: np.ndarray, col_a: np.ndarray, col_b: np.ndarray, m: int, n: int,
+               g: np.ndarray) -> float | None:
+    """z for a permutation of B's columns (Hoeffding): Var[num] = ‖Acᵀ Bc‖²/(n−1), ‖·‖² from the sketch.
+
+    sketch = Σ_blocks Arᵀ (Br G) (row-centred blocks); Acᵀ Bc G = sketch − m μa (μbᵀ G) with μ the column means.
+    """
+    mu_a, mu_b = col_a / m, col_b / m
+    cg = sketch - m * np.outer(mu_a, mu_b @ g)
+    var = float((cg ** 2).sum()) / max(n - 1, 1)
+    if var <= TINY:
+        return None
+    return num / math.sqrt(var)
+
+
+def permutation_test_1d(a: np.ndarray, b: np.ndarray, *, n_perm: int = 999, seed: int = 0) -> tuple[float, float]:
+    """Monte-Carlo permutation test of the Pearson correlation of two vectors: (two-sided p, z-equivalent).
+
+    p = (k+1)/(K+1) where k counts permutations with |r| ≥ |r_obs| (Phipson & Smyth 2010).
+    """
+    a = np.asarray(a, np.float64) - np.mean(a)
+    b = np.asarray(b, np.float64) - np.mean(b)
+    na, nb = np.linalg.norm(a), np.linalg.norm(b)
+    if na <= TINY or nb <= TINY:
+        return float("nan"), float("nan")
+    r_obs = float(a @ b / (na * nb))
+    rng = np.random.default_rng(seed)
+    perms = np.argsort(rng.random((n_perm, b.size)), axis=1)
+    rs = (b[perms] @ a) / (na * nb)
+    k = int(np.sum(np.abs(rs) >= abs(r_obs) - 1e-12))
+    p = (k + 1) / (n_perm + 1)
+    sd = float(np.std(rs)) or 1.0 / math.sqrt(max(a.size - 1, 1))
+    return p, r_obs / sd
+
+
+def fisher(r: float) -> float:
+    return math.atanh(float(np.clip(r, -0.999999, 0.999999)))
+
+
+def jackknife_ci(theta_full: float, theta_loo: list[float], strata: list[int], stratum_sizes: list[int],
+                 *, fisher_scale: bool = True, level: float = 0.95) -> tuple[float, float] | None:
+    """Stratified delete-one-block jackknife interval with finite-population correction.
+
+    v = Σ_h (1 − f_h)(n_h − 1)/n_h Σ_{b∈h} (θ_(b) − θ̄_h)², f_h = n_h/N_h; on Fisher's z scale for correlations.
+    """
+    if not theta_loo:
+        return None
+    tf = fisher if fisher_scale else (lambda x: x)
+    full = tf(theta_full)
+    loo = np.array([tf(x) for x in theta_loo])
+    st = np.array(strata)
+    v = 0.0
+    for h in np.unique(st):
+        sel = loo[st == h]
+        nh = sel.size
+        if nh < 2:
+            continue
+        fh = nh / max(stratum_sizes[h], nh)
+        v += (1 - fh) * (nh - 1) / nh * float(((sel - sel.mean()) ** 2).sum())
+    half = _st.norm.ppf(0.5 + level / 2) * math.sqrt(max(v, 0.0))
+    lo, hi = full - half, full + half
+    if fisher_scale:
+        return math.tanh(lo), math.tanh(hi)
+    return lo, hi

@@ -1,0 +1,164 @@
+"""From streamed sums to the statistics of one tensor pair (what the report's ``tensors[]`` shows)."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from hf_provenance.alignment.plan import ARBITRARY
+from hf_provenance.measurement.accumulate import SCALARS, simhash_distance
+from hf_provenance.measurement.stream import TensorMeasurement
+from hf_provenance.statistics import effects as fx
+
+_I = {name: i for i, name in enumerate(SCALARS)}
+# unit roundoff of each stored dtype: the rounding noise a re-export alone would add
+UNIT_ROUNDOFF = {"F64": 2.0 ** -53, "F32": 2.0 ** -24, "BF16": 2.0 ** -8, "F16": 2.0 ** -11,
+                 "F8_E4M3": 2.0 ** -4, "F8_E5M2": 2.0 ** -3}
+FOLK_MSE = 1e-5
+N_PERM = 999
+
+
+@dataclass(frozen=True)
+class TensorResult:
+    name: str
+    model_name: str
+    key: str
+    component: str
+    layer: int | None
+    shape: tuple[int, ...]
+    dtype: tuple[str, str]
+    numel: int
+    axes: tuple[str, ...]
+    evidence: bool               # may count as evidence (has an arbitrary axis, not vocabulary-indexed 1-D)
+    cosine: fx.Statistic
+    pearson: fx.Statistic
+    rel_l2: float | None
+    rel_mse_rounding: float | None
+    mse: float | None
+    max_abs_diff: float
+    max_abs_diff_is_bound: bool
+    frac_equal: float
+    bit_equal: bool
+    cast_equal: float | None
+    sha256_equal: bool | None
+    simhash_distance: int | None
+    rowhash_jaccard: float | None
+    fraction_read: float
+    notes: tuple[str, ...] = field(default_factory=tuple)
+
+    def to_dict(self) -> dict:
+        c = fx._clean
+        return {
+            "name": self.name, "model_name": self.model_name, "key": self.key, "component": self.component,
+            "layer": self.layer, "shape": list(self.shape), "dtype": list(self.dtype), "numel": self.numel,
+            "axes": list(self.axes), "evidence": self.evidence,
+            "cosine": self.cosine.to_dict(), "pearson": self.pearson.to_dict(),
+            "rel_l2": c(self.rel_l2), "rel_mse_rounding": c(self.rel_mse_rounding), "mse": c(self.mse),
+            "folk_mse_rule_same_layer": None if self.mse is None else bool(self.mse < FOLK_MSE),
+            "max_abs_diff": c(self.max_abs_diff), "max_abs_diff_is_lower_bound": self.max_abs_diff_is_bound,
+            "frac_equal": c(self.frac_equal), "bit_equal": self.bit_equal, "cast_equal": c(self.cast_equal),
+            "sha256_equal": self.sha256_equal, "simhash_distance": self.simhash_distance,
+            "rowhash_jaccard": c(self.rowhash_jaccard), "fraction_read": c(self.fraction_read),
+            "notes": list(self.notes),
+        }
+
+
+def _loo(acc, fn):
+    """Leave-one-block-out values of fn(totals, col_a, col_b)."""
+    t, ca, cb = acc.totals, acc.col_a.cpu().numpy(), acc.col_b.cpu().numpy()
+    return [fn(t - b.scalars, ca - b.col_a, cb - b.col_b) for b in acc.blocks]
+
+
+def summarize(m: TensorMeasurement, *, seed: int = 0) -> TensorResult:
+    pair, acc = m.pair, m.acc
+    t = acc.totals
+    n = pair.n_cols
+    rows = int(t[_I["rows"]])
+    numel = rows * n
+    notes = list(m.notes)
+    if pair.note:
+        notes.append(pair.note)
+    arbitrary = pair.n_arbitrary > 0
+    evidence = arbitrary
+    ca, cb = acc.col_a.cpu().numpy(), acc.col_b.cpu().numpy()
+
+    def r_of(tt, a, b):
+        parts = fx.vector_parts(tt, n) if pair.is_vector else fx.centred_parts(tt, a, b, n)
+        return fx.ratio(*parts)
+
+    cos = fx.cosine(t)
+    r = r_of(t, ca, cb)
+    ci_r = ci_c = None
+    if not m.sample.full and acc.blocks:
+        strata, sizes = list(m.sample.strata), list(m.sample.stratum_sizes)
+        if r is not None:
+            loo = [x for x in _loo(acc, r_of)]
+            if all(x is not None for x in loo):
+                ci_r = fx.jackknife_ci(r, loo, strata, sizes)
+        if cos is not None:
+            loo = _loo(acc, lambda tt, a, b: fx.cosine(tt))
+            if all(x is not None for x in loo):
+                ci_c = fx.jackknife_ci(cos, loo, strata, sizes)
+    elif m.sample.full:
+        ci_r = (r, r) if r is not None else None
+        ci_c = (cos, cos) if cos is not None else None
+
+    z = p = None
+    null = None
+    if r is None:
+        notes.append("Pearson undefined: a zero or constant tensor (or row/column structure only)")
+        evidence = False
+    elif pair.is_vector:
+        if arbitrary and m.vec_a is not None and n >= 8:
+            p, z = fx.permutation_test_1d(m.vec_a, m.vec_b, n_perm=N_PERM, seed=seed)
+            null = f"Monte-Carlo permutation of the vector (K={N_PERM})"
+        else:
+            evidence = False
+            null = None
+            notes.append(f"{pair.axes[0]}-indexed vector: reported, never evidence")
+    elif pair.n_arbitrary == 2:
+        z = fx.z_two_axes(r, rows, n)
+        p = fx.two_sided_p(z)
+        null = "row and column permutation (exact moments)"
+    elif pair.n_arbitrary == 1 and acc.sketch_acc is not None:
+        num = fx.centred_parts(t, ca, cb, n)[0]
+        z = fx.z_one_axis(num, acc.sketch_acc.cpu().numpy(), ca, cb, rows, n, acc._g.cpu().numpy().astype(np.float64))
+        p = fx.two_sided_p(z) if z is not None else None
+        null = "column permutation (Hoeffding moments, sketched variance)"
+    else:
+        evidence = False
+        notes.append("no arbitrary axis: reported, never evidence")
+    if acc.nonfinite:
+        notes.append(f"{acc.nonfinite} NaN/Inf values ignored")
+
+    saa, sbb = t[_I["Saa"]], t[_I["Sbb"]]
+    big = max(saa, sbb)
+    rel_l2 = math.sqrt(acc.sdd / big) if big > 0 else None
+    mse = acc.sdd / numel if numel else None
+    u = UNIT_ROUNDOFF.get(m.dtype_b)
+    mean_sq = saa / numel if numel else 0.0
+    rel_mse = (mse / (mean_sq * u * u / 3.0)) if (mse is not None and u and mean_sq > 0) else None
+    bit_equal = m.dtype_a == m.dtype_b and acc.equal == numel and not acc.nonfinite and m.sample.full
+    if m.sha_a and m.sha_b:
+        sha_eq = m.sha_a == m.sha_b
+    else:
+        sha_eq = None
+    if m.dtype_a == m.dtype_b:
+        cast_eq = acc.equal / numel if numel else None
+    elif acc.cast_dtype is not None:
+        cast_eq = acc.cast_equal / numel if numel else None
+    else:
+        cast_eq = None
+    sim = simhash_distance(m.simhash_a, m.simhash_b) if m.simhash_a and m.simhash_b else None
+    return TensorResult(
+        name=pair.base_name, model_name=pair.cand_name, key=pair.key.to_str() if hasattr(pair.key, "to_str") else str(pair.key),
+        component=pair.component, layer=pair.layer, shape=tuple(pair.shape), dtype=(m.dtype_a, m.dtype_b),
+        numel=pair.numel, axes=tuple(pair.axes), evidence=evidence,
+        cosine=fx.Statistic(cos, ci_c, None, None, None, numel),
+        pearson=fx.Statistic(r, ci_r, z, p, null, numel),
+        rel_l2=rel_l2, rel_mse_rounding=rel_mse, mse=mse, max_abs_diff=acc.max_abs_diff,
+        max_abs_diff_is_bound=not m.sample.full, frac_equal=acc.equal / numel if numel else 0.0,
+        bit_equal=bit_equal, cast_equal=cast_eq, sha256_equal=sha_eq, simhash_distance=sim,
+        rowhash_jaccard=m.rowhash_jaccard, fraction_read=m.sample.fraction, notes=tuple(notes))

@@ -1,0 +1,135 @@
+"""The verdict for one base: identical | derived | partial | independent | inconclusive (DESIGN §Meaning).
+
+Only statistics decide; architecture differences never do. ``independent`` is an equivalence test: alignment was
+attempted on components covering at least ``coverage_independent`` of the compared parameters and the upper bound
+of their aligned effect is below δ.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from hf_provenance.statistics.aggregate import GroupEffect, group, is_evidence
+from hf_provenance.statistics.tensor import TensorResult
+from hf_provenance.statistics.thresholds import Thresholds
+
+VERDICTS = ("identical", "derived", "partial", "independent", "inconclusive")
+# The Hub's base_model_relation for each of our relations (DESIGN: relation mapping)
+HUB_RELATION = {"quantized": "quantized", "cast": "quantized", "merge": "merge", "adapter": "adapter"}
+
+
+def hub_relation(relations: list[str]) -> str | None:
+    """The card's base_model_relation implied by our relations (quantized/cast → quantized, ...; rest → finetune)."""
+    for rel in ("adapter", "merge", "quantized", "cast"):
+        if rel in relations:
+            return HUB_RELATION[rel]
+    return "finetune" if relations else None
+
+
+@dataclass(frozen=True)
+class Verdict:
+    verdict: str
+    relation: tuple[str, ...]
+    direction: str
+    reasons: tuple[str, ...]
+    not_compared: tuple[str, ...] = field(default_factory=tuple)
+
+    def to_dict(self) -> dict:
+        return {"verdict": self.verdict, "relation": list(self.relation), "direction": self.direction,
+                "reasons": list(self.reasons), "not_compared": list(self.not_compared)}
+
+
+def _fmt_r(g: GroupEffect) -> str:
+    ci = f" [{g.ci[0]:.3f}, {g.ci[1]:.3f}]" if g.ci and g.ci[0] != g.ci[1] else ""
+    return f"r̄ = {g.r_mean:.3f}{ci}"
+
+
+def decide(tensors: list[TensorResult], components: dict[str, GroupEffect], th: Thresholds, *,
+           aligned_params: int, containment: dict, sampled: bool, not_compared: list[str],
+           quantized: str | None = None, extra_relations: list[str] | None = None) -> Verdict:
+    """containment: {"layers": (base, model), "vocab": (base_rows, model_rows), "vocab_rows_unchanged": bool|None,
+    "moe": (base_is_moe, model_is_moe)} as observed; ``not_compared`` lists what could not be compared and why."""
+    nc = tuple(not_compared)
+    if not tensors:
+        return Verdict("inconclusive", (), "not determined", ("no tensor could be compared",) + nc[:2], nc)
+    rel: list[str] = list(extra_relations or [])
+    direction = "direction not determined by weights"
+    lay_b, lay_m = containment.get("layers", (None, None))
+    voc_b, voc_m = containment.get("vocab", (None, None))
+    if lay_b and lay_m and lay_m < lay_b:
+        rel.append("pruned")
+        direction = f"model has fewer layers ({lay_m} vs {lay_b}): model derived from base"
+    elif lay_b and lay_m and lay_m > lay_b:
+        rel.append("upscaled")
+        direction = f"model has more layers ({lay_m} vs {lay_b}) built from the base's: model derived from base"
+    if voc_b and voc_m and voc_m > voc_b and containment.get("vocab_rows_unchanged") is not False:
+        rel.append("vocab-extended")
+        direction = f"model's vocabulary extends the base's ({voc_m} vs {voc_b} rows): model derived from base"
+    elif voc_b and voc_m and voc_m < voc_b:
+        rel.append("vocab-pruned")
+        direction = f"model's vocabulary is a subset of the base's ({voc_m} vs {voc_b} rows): model derived from base"
+
+    all_equal = all(t.frac_equal == 1.0 for t in tensors)
+    if all_equal and not nc and not rel:
+        same_dtype = all(t.dtype[0] == t.dtype[1] for t in tensors)
+        if sampled:
+            rows = sum(t.fraction_read for t in tensors)
+            reason = ("every compared tensor is equal in the sampled rows; identical in the sampled rows "
+                      "(rule of three: at most ~3/n of the unread rows could differ undetected)")
+        else:
+            reason = "every tensor decodes bit-equal" + ("" if same_dtype else " (lossless re-encoding)")
+        return Verdict("identical", ("copy",), "direction not determined by weights (identical)", (reason,), nc)
+
+    cast_all = all((t.cast_equal or 0.0) == 1.0 for t in tensors)
+    if cast_all and any(t.dtype[0] != t.dtype[1] for t in tensors):
+        rel.insert(0, "cast")
+        target = sorted({t.dtype[1] for t in tensors if t.dtype[0] != t.dtype[1]})
+        direction = (f"model's weights are the base's re-rounded to {', '.join(target)}: "
+                     "model derived from base (lower precision)")
+        reasons = [f"every tensor equals the base re-rounded to {', '.join(target)} (round to nearest even)"]
+        return Verdict("derived", tuple(dict.fromkeys(rel)), direction, tuple(reasons), nc)
+    if quantized:
+        rel.append("quantized")
+
+    elig = [g for g in components.values() if g.r_mean is not None]
+    elig_params = sum(g.params for g in elig)
+    derived = [g for g in elig if g.derived]
+    indep = [g for g in elig if g.below_delta]
+    overall = group("overall", [t for t in tensors if t.evidence], th)
+    reasons: list[str] = []
+    for g in sorted(derived, key=lambda g: -abs(g.r_mean))[:3]:
+        reasons.append(f"{g.name}: {_fmt_r(g)} over {g.n_tensors} tensors; {g.n_evidence} clear the threshold "
+                       f"(|r| ≥ {th.r_derived}, |z| ≥ {th.z_derived})")
+    if derived:
+        d_params = sum(g.params for g in derived)
+        if d_params >= 0.5 * elig_params or not indep:
+            if "cast" not in rel and "quantized" not in rel:
+                rel.append("finetune" if not any(r in rel for r in ("pruned", "upscaled")) else rel[0])
+            verdict = "derived"
+        else:
+            verdict = "partial"
+            for g in indep[:2]:
+                reasons.append(f"{g.name}: |r̄| ≤ {g.abs_upper:.3f} (upper bound) < δ = {th.delta}: no shared lineage "
+                               "detected there")
+        return Verdict(verdict, tuple(dict.fromkeys(rel)), direction, tuple(reasons[:3]), nc)
+
+    coverage = aligned_params / max(1, elig_params) if elig_params else 0.0
+    if overall.abs_upper is not None and overall.abs_upper < th.delta and coverage >= th.coverage_independent:
+        reasons = [f"aligned effect over {overall.n_tensors} tensors: mean |r| ≤ {overall.abs_upper:.3f} (95% upper "
+                   f"bound) < δ = {th.delta}",
+                   f"no tensor clears the derivation threshold (|r| ≥ {th.r_derived}, |z| ≥ {th.z_derived})",
+                   f"permutation alignment attempted on {coverage:.0%} of the compared parameters"]
+        return Verdict("independent", (), "not applicable", tuple(reasons), nc)
+    reasons = []
+    if overall.abs_upper is not None and overall.abs_upper >= th.delta:
+        reasons.append(f"effect |r̄| up to {overall.abs_upper:.3f} is neither below δ = {th.delta} nor replicated "
+                       "above the derivation threshold")
+    if coverage < th.coverage_independent:
+        reasons.append(f"permutation alignment covered {coverage:.0%} of compared parameters (< "
+                       f"{th.coverage_independent:.0%}): a permuted copy cannot be excluded")
+    if not elig:
+        reasons.append("no tensor with an arbitrary axis could be compared")
+    return Verdict("inconclusive", tuple(dict.fromkeys(rel)), "not determined", tuple((reasons + list(nc))[:3]), nc)
+
+
+__all__ = ["Verdict", "decide", "hub_relation", "VERDICTS", "is_evidence"]
