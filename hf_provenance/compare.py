@@ -15,6 +15,8 @@ import numpy as np
 
 from hf_provenance import __version__
 from hf_provenance.alignment.identity import identity_plan
+from hf_provenance.alignment.layouts import layout_for
+from hf_provenance.alignment.residual import apply_residual, embedding_pair, fit_residual, residual_axis_params
 from hf_provenance.errors import UsageError
 from hf_provenance.measurement.stream import measure_plan
 from hf_provenance.result import Comparison, CompareReport, ModelRef
@@ -39,60 +41,106 @@ def _arch(base, model) -> dict | None:
         return {"error": str(exc)}
 
 
-def compare_one(model, base, *, sample: float | None, seed: int, device: str, progress=None) -> Comparison:
-    th = load_thresholds()
-    t0 = time.perf_counter()
-    read0 = (model.reader.bytes_read, base.reader.bytes_read)
-    plan, facts = identity_plan(base, model)
+def _evaluate(plan, base, model, *, sample, seed, device, progress, th):
     measurements = measure_plan(plan, base, model, fraction=sample, seed=seed, device=device, progress=progress)
     tensors = [summarize(m, seed=seed) for m in measurements]
     tensors.sort(key=lambda t: (t.layer if t.layer is not None else -1, t.name))
     components = aggregate.by(tensors, lambda t: t.component, th)
     layer_groups = aggregate.by([t for t in tensors if t.layer is not None], lambda t: t.layer, th)
-    overall = aggregate.group("overall", [t for t in tensors if t.evidence], th)
+    return tensors, components, [layer_groups[k] for k in sorted(layer_groups)]
 
+
+def _residual_search(plan, base, model, *, seed, lines):
+    """Fit the residual map; returns (plan to measure or None, fit, parameters the search covers)."""
+    emb = embedding_pair(plan)
+    if emb is None:
+        lines.append("residual permutation: not searched (no token embedding pair to fit it from)")
+        return None, None, 0
+    norm = layout_for(str((base.config or {}).get("model_type", ""))).norm
+    fit = fit_residual(emb, base, model, signs=norm == "rmsnorm", seed=seed)
+    if fit is None:
+        lines.append(f"residual permutation: not searched (only {emb.n_rows} shared tokens)")
+        return None, None, 0
+    covered = residual_axis_params(plan, emb.n_cols)
+    flips = f", {fit.flips} sign flips" if fit.sign is not None else ""
+    if fit.is_identity:
+        lines.append(f"residual permutation: identity recovered for {fit.identity_share:.0%} of {emb.n_cols} dims "
+                     f"(held-out r = {fit.heldout_r:.3f})")
+        return None, fit, covered
+    if fit.heldout_r is not None and fit.heldout_r >= load_thresholds().r_derived:
+        new_plan, covered = apply_residual(plan, fit, emb.n_cols)
+        lines.append(f"residual permutation recovered for {emb.n_cols} dims{flips}: held-out embedding r = "
+                     f"{fit.heldout_r:.3f} (identity map: {fit.heldout_r_identity:.3f}); applied to every layer")
+        return new_plan, fit, covered
+    r = "undefined" if fit.heldout_r is None else f"{fit.heldout_r:.3f}"
+    lines.append(f"residual permutation: searched, no correspondence found (held-out embedding r = {r} "
+                 f"< {load_thresholds().r_derived})")
+    return None, fit, covered
+
+
+def compare_one(model, base, *, sample: float | None, seed: int, device: str, progress=None) -> Comparison:
+    th = load_thresholds()
+    t0 = time.perf_counter()
+    read0 = (model.reader.bytes_read, base.reader.bytes_read)
+    plan, facts = identity_plan(base, model)
+    tensors, components, layers = _evaluate(plan, base, model, sample=sample, seed=seed, device=device,
+                                            progress=progress, th=th)
     vmap = facts["vocab"]
     lay_b, lay_m = facts["layers"]
     containment = {"layers": (lay_b, lay_m)}
-    emb = [t for t in tensors if t.component == "embeddings" and t.key.startswith("token_embd")]
+
+    def _emb(ts):
+        return [t for t in ts if t.component == "embeddings" and t.key.startswith("token_embd")]
+
+    emb = _emb(tensors)
     if vmap is not None:
         containment["vocab"] = (vmap.base_size, vmap.model_size)
         if emb and emb[0].rowhash_jaccard is not None:
             containment["vocab_rows_unchanged"] = emb[0].rowhash_jaccard == 1.0
     not_compared = [f"{u.side} tensor {u.name}: {u.reason}" for u in plan.unmatched
                     if "counted once" not in u.reason and "buffer" not in u.reason]
-    verdict = decide(tensors, components, th, aligned_params=0, containment=containment,
-                     sampled=bool(sample), not_compared=not_compared,
-                     quantized=model.quantization)
-
+    kwargs = dict(containment=containment, sampled=bool(sample), not_compared=not_compared,
+                  quantized=model.quantization)
+    lines = [f"identity plan: {len(plan.pairs)} tensor pairs by canonical key; "
+             f"{len(plan.unmatched)} without counterpart"]
+    if vmap is not None:
+        lines.append(f"vocabulary: {vmap.shared} shared rows by {vmap.method} "
+                     f"(base {vmap.base_size}, model {vmap.model_size})")
+    verdict = decide(tensors, components, th, aligned_params=0, **kwargs)
+    summary = dict(plan.summary)
+    if verdict.verdict in ("independent", "inconclusive"):
+        new_plan, fit, covered = _residual_search(plan, base, model, seed=seed, lines=lines)
+        extra = []
+        if new_plan is not None:
+            tensors, components, layers = _evaluate(new_plan, base, model, sample=sample, seed=seed,
+                                                    device=device, progress=progress, th=th)
+            summary = dict(new_plan.summary)
+            extra = ["permuted"]
+        elif fit is not None:
+            summary["residual"] = fit.to_dict()
+        verdict = decide(tensors, components, th, aligned_params=covered, extra_relations=extra, **kwargs)
+    else:
+        lines.append("permutation search: not needed (the identity plan already shows shared lineage)")
+    overall = aggregate.group("overall", [t for t in tensors if t.evidence], th)
     n_layers = max(lay_b, 1)
-    layers = []
-    for layer in sorted(layer_groups):
-        g = layer_groups[layer]
-        layers.append(g)
     mean_layer_cos = float(np.mean([g.cos_mean for g in layers if g.cos_mean is not None])) if layers else None
+    emb = _emb(tensors)
     emb_cos = emb[0].cosine.value if emb else None
-    declared = _declared(model, base, verdict)
     bytes_model = model.reader.bytes_read - read0[0]
     bytes_base = base.reader.bytes_read - read0[1]
     total = sum(base.inventory[p.base_name].nbytes + model.inventory[p.cand_name].nbytes for p in plan.pairs)
     io = {"bytes_read": {"model": bytes_model, "base": bytes_base}, "bytes_total": total,
           "fraction_read": (bytes_model + bytes_base) / total if total else 0.0,
           "seconds": time.perf_counter() - t0}
-    alignment = dict(plan.summary)
-    alignment.update({"residual": None, "units": None, "heads": None, "layers": None, "experts": None,
-                      "lines": [f"identity plan: {len(plan.pairs)} tensor pairs by canonical key; "
-                                f"{len(plan.unmatched)} without counterpart"]})
-    if vmap is not None:
-        alignment["lines"].append(f"vocabulary: {vmap.shared} shared rows by {vmap.method} "
-                                  f"(base {vmap.base_size}, model {vmap.model_size})")
-    comparison = Comparison(
+    alignment = {"residual": None, "units": None, "heads": None, "layers": None, "experts": None}
+    alignment.update(summary)
+    alignment["lines"] = lines
+    return Comparison(
         base=_ref(base), verdict=verdict, components=components,
-        layers=tuple(layers), layer_readings=tuple(_layer_reading(g, n_layers) for g in layers), overall=overall, tensors=tuple(tensors),
-        alignment=alignment, architecture=_arch(base, model), io=io, declared=declared,
-        rule_of_thumb=folk.rule_of_thumb(mean_layer_cos, emb_cos),
+        layers=tuple(layers), layer_readings=tuple(_layer_reading(g, n_layers) for g in layers), overall=overall,
+        tensors=tuple(tensors), alignment=alignment, architecture=_arch(base, model), io=io,
+        declared=_declared(model, base, verdict), rule_of_thumb=folk.rule_of_thumb(mean_layer_cos, emb_cos),
         unmatched=tuple(u.to_dict() for u in plan.unmatched))
-    return comparison
 
 
 def _layer_reading(g, n_layers: int) -> dict:

@@ -97,14 +97,16 @@ def decide(tensors: list[TensorResult], components: dict[str, GroupEffect], th: 
     indep = [g for g in elig if g.below_delta]
     overall = group("overall", [t for t in tensors if t.evidence], th)
     reasons: list[str] = []
-    for g in sorted(derived, key=lambda g: -abs(g.r_mean))[:3]:
+    for g in sorted(derived, key=lambda g: (-g.params, -abs(g.r_mean)))[:3]:
         reasons.append(f"{g.name}: {_fmt_r(g)} over {g.n_tensors} tensors; {g.n_evidence} clear the threshold "
                        f"(|r| ≥ {th.r_derived}, |z| ≥ {th.z_derived})")
     if derived:
         d_params = sum(g.params for g in derived)
         if d_params >= 0.5 * elig_params or not indep:
-            if "cast" not in rel and "quantized" not in rel:
-                rel.append("finetune" if not any(r in rel for r in ("pruned", "upscaled")) else rel[0])
+            changed = any(t.frac_equal < 1.0 for t in tensors if t.evidence)
+            structural = {"pruned", "upscaled", "vocab-extended", "vocab-pruned", "cast", "quantized"}
+            if changed and not structural & set(rel):
+                rel.append("finetune")
             verdict = "derived"
         else:
             verdict = "partial"

@@ -29,3 +29,21 @@ def minilm_dir():
 @pytest.fixture(scope="session")
 def minilm():
     return minilm_dir()
+
+
+@pytest.fixture(scope="session")
+def factory_cache(tmp_path_factory):
+    """Factory checkpoints are built once per session (or reused from $HF_PROVENANCE_FACTORY_CACHE)."""
+    env = os.environ.get("HF_PROVENANCE_FACTORY_CACHE")
+    return env or str(tmp_path_factory.mktemp("factory"))
+
+
+@pytest.fixture(scope="session")
+def make(factory_cache):
+    """make(family, variant="base", seed=0, **params) -> folder path (str), cached for the session."""
+    from hf_provenance.factory import build
+
+    def _make(family: str, variant: str = "base", seed: int = 0, **params) -> str:
+        return str(build(family, variant, seed=seed, cache_dir=factory_cache, **params))
+
+    return _make

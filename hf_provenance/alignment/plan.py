@@ -37,6 +37,8 @@ class PairSpec:
     cand_rows: np.ndarray | None = None
     col_map: np.ndarray | None = None
     col_sign: np.ndarray | None = None
+    row_sign: np.ndarray | None = None   # ±1 per compared row (residual sign flips on a row axis)
+    evidence: bool = True                # False when a map was fitted on this tensor (no valid null left)
     layout: str | None = None      # e.g. "transpose", "split:0:128" (fused tensors), "rotary:interleaved"
     note: str | None = None
 

@@ -129,6 +129,8 @@ def measure_pair(pair: PairSpec, base, cand, *, fraction: float | None, rng: np.
                 b = b[:, torch.from_numpy(np.asarray(pair.col_map))]
             if pair.col_sign is not None:
                 b = b * torch.from_numpy(np.asarray(pair.col_sign, dtype=np.float32))
+            if pair.row_sign is not None:
+                b = b * torch.from_numpy(np.asarray(pair.row_sign[block[0]:block[1]], dtype=np.float32)).unsqueeze(1)
             if want_rowhash:
                 rh_a.append(row_hashes(a, seed))
                 rh_b.append(row_hashes(b, seed))

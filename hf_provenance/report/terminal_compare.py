@@ -34,7 +34,9 @@ def render_compare(d: dict, file=None) -> None:
             t = table(con, "component", "tensors", "params", "Pearson r̄ [95% CI]", "cosine", "evid.",
                       justify=("left", "right", "right", "left", "right", "right"))
             for name, g in comps.items():
-                t.add_row(name, str(g["n_tensors"]), fmt_params(g["params"]), fmt_ci(g["pearson"]),
+                r = fmt_ci(g["pearson"]) if g["pearson"]["value"] is not None else (
+                    f"({fmt_num(g.get('pearson_reported'))})" if g.get("pearson_reported") is not None else "—")
+                t.add_row(name, str(g["n_tensors"]), fmt_params(g["params"]), r,
                           fmt_num(g["cosine"]), f"{g['n_evidence']}/{g['n_tensors']}")
             con.print(t)
         layers = c.get("layers") or []

@@ -49,6 +49,7 @@ class GroupEffect:
     ci: tuple[float, float] | None
     abs_upper: float | None      # one-sided 95% upper bound of r_abs_mean
     cos_mean: float | None
+    r_reported: float | None     # weighted mean Pearson over every tensor with a value (display only)
     p_cauchy: float | None
     p_bonferroni: float | None
     derived: bool
@@ -60,6 +61,7 @@ class GroupEffect:
                             "p": _clean(self.p_cauchy), "null_method": "Cauchy combination of tensor p-values",
                             "n": self.n_tensors},
                 "abs_pearson": {"value": _clean(self.r_abs_mean), "upper": _clean(self.abs_upper)},
+                "pearson_reported": _clean(self.r_reported),
                 "cosine": _clean(self.cos_mean), "p_bonferroni": _clean(self.p_bonferroni),
                 "derived": self.derived, "below_delta": self.below_delta}
 
@@ -75,8 +77,10 @@ def group(name: str, tensors: list[TensorResult], th: Thresholds) -> GroupEffect
     n_ev = sum(is_evidence(t, th) for t in tensors)
     cos = [(t.cosine.value, t.numel) for t in tensors if t.cosine.value is not None]
     cos_mean = float(np.average([c for c, _ in cos], weights=[w for _, w in cos])) if cos else None
+    rep = [(t.pearson.value, t.numel) for t in tensors if t.pearson.value is not None]
+    r_rep = float(np.average([c for c, _ in rep], weights=[w for _, w in rep])) if rep else None
     if not elig:
-        return GroupEffect(name, len(tensors), n_ev, params, None, None, None, None, cos_mean, None, None,
+        return GroupEffect(name, len(tensors), n_ev, params, None, None, None, None, cos_mean, r_rep, None, None,
                            False, False)
     w = np.array([t.numel for t in elig], float)
     r = np.array([t.pearson.value for t in elig])
@@ -91,7 +95,7 @@ def group(name: str, tensors: list[TensorResult], th: Thresholds) -> GroupEffect
     need = min(th.min_evidence_tensors, len(elig))
     derived = n_ev >= max(1, need) and abs(r_mean) >= th.r_derived
     return GroupEffect(name, len(tensors), n_ev, params, r_mean, r_abs,
-                       (r_mean - 1.96 * se, r_mean + 1.96 * se), upper, cos_mean,
+                       (r_mean - 1.96 * se, r_mean + 1.96 * se), upper, cos_mean, r_rep,
                        cauchy_combine(ps), bonferroni(ps), derived, upper < th.delta)
 
 

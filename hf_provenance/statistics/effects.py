@@ -144,7 +144,7 @@ def jackknife_ci(theta_full: float, theta_loo: list[float], strata: list[int], s
     full = tf(theta_full)
     loo = np.array([tf(x) for x in theta_loo])
     st = np.array(strata)
-    v = 0.0
+    v, df = 0.0, 0
     for h in np.unique(st):
         sel = loo[st == h]
         nh = sel.size
@@ -152,8 +152,13 @@ def jackknife_ci(theta_full: float, theta_loo: list[float], strata: list[int], s
             continue
         fh = nh / max(stratum_sizes[h], nh)
         v += (1 - fh) * (nh - 1) / nh * float(((sel - sel.mean()) ** 2).sum())
-    half = _st.norm.ppf(0.5 + level / 2) * math.sqrt(max(v, 0.0))
+        df += nh - 1
+    # Student t with the jackknife's degrees of freedom (blocks minus strata)
+    q = _st.t.ppf(0.5 + level / 2, df) if df > 0 else float("inf")
+    half = q * math.sqrt(max(v, 0.0))
     lo, hi = full - half, full + half
+    if not math.isfinite(half):
+        return None
     if fisher_scale:
         return math.tanh(lo), math.tanh(hi)
     return lo, hi

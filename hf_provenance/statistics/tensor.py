@@ -81,7 +81,7 @@ def summarize(m: TensorMeasurement, *, seed: int = 0) -> TensorResult:
     if pair.note:
         notes.append(pair.note)
     arbitrary = pair.n_arbitrary > 0
-    evidence = arbitrary
+    evidence = arbitrary and pair.evidence
     ca, cb = acc.col_a.cpu().numpy(), acc.col_b.cpu().numpy()
 
     def r_of(tt, a, b):

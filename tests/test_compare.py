@@ -1,0 +1,118 @@
+"""Verdicts on pairs whose truth is known by construction (factory models and the real all-MiniLM-L6-v2)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from hf_provenance.compare import compare
+from hf_provenance.statistics.thresholds import load as load_thresholds
+
+FAMILIES = ["llama", "bert", "qwen3_moe", "deepseek_v3"]
+
+
+def verdict_of(model: str, base: str, **kw) -> dict:
+    d = compare(model, [base], **kw).to_dict()
+    json.dumps(d, allow_nan=False)  # never a NaN in JSON
+    return d["comparisons"][0]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_factory_variants(make, family):
+    base = make(family)
+    c = verdict_of(make(family, "finetune"), base)
+    assert c["verdict"] == "derived" and "finetune" in c["relation"], c["reasons"]
+    c = verdict_of(make(family, "copy"), base)
+    assert c["verdict"] == "identical" and c["relation"] == ["copy"]
+    c = verdict_of(make(family, "bf16"), base)
+    assert c["verdict"] == "derived" and c["relation"][0] == "cast"
+    assert all(t["cast_equal"] == 1.0 for t in c["tensors"])
+    c = verdict_of(make(family, "independent"), base)
+    assert c["verdict"] == "independent", c["reasons"]
+    assert c["alignment"]["residual"] is not None  # the permutation search was attempted
+    c = verdict_of(make(family, "pruned"), base)
+    assert c["verdict"] in ("derived", "partial") and "pruned" in c["relation"]
+    assert "fewer layers" in c["direction"]
+    c = verdict_of(make(family, "vocab_extended"), base)
+    assert c["verdict"] in ("derived", "partial") and "vocab-extended" in c["relation"]
+    assert "extends the base's" in c["direction"]
+
+
+def test_noise_levels_stay_derived_and_effect_tracks_noise(make):
+    base = make("llama")
+    low = verdict_of(make("llama", "noise", scale=0.3), base)
+    high = verdict_of(make("llama", "noise", scale=3.0), base)
+    assert low["verdict"] == high["verdict"] == "derived"
+    # Pearson of x and x + s·σ·ε is 1/√(1+s²): 0.958 and 0.316
+    assert low["overall"]["pearson"]["value"] == pytest.approx(1 / np.sqrt(1.09), abs=0.03)
+    assert high["overall"]["pearson"]["value"] == pytest.approx(1 / np.sqrt(10), abs=0.05)
+
+
+def test_tiny_models_with_norms_near_one_stay_independent(make):
+    a = make("llama", seed=3, train_steps=2)
+    b = make("llama", seed=4, train_steps=2)
+    c = verdict_of(b, a)
+    assert c["verdict"] == "independent", c["reasons"]
+    norms = [t for t in c["tensors"] if t["component"] in ("norms", "final_norm")]
+    assert norms and all(t["cosine"]["value"] > 0.9 for t in norms)  # raw cosine is high ...
+    assert all(abs(t["pearson"]["value"]) < 0.5 for t in norms)      # ... the centred value is not
+
+
+def test_different_families_never_derived(make):
+    c = verdict_of(make("bert"), make("llama"))
+    assert c["verdict"] in ("inconclusive", "independent")
+    c = verdict_of(make("qwen3_moe"), make("deepseek_v3"))
+    assert c["verdict"] in ("inconclusive", "independent")
+
+
+def _permute_residual(src: str, dst: str, seed: int = 3) -> None:
+    shutil.copytree(src, dst)
+    sd = load_file(f"{src}/model.safetensors")
+    h = sd["model.embed_tokens.weight"].shape[1]
+    g = torch.Generator().manual_seed(seed)
+    perm = torch.randperm(h, generator=g)
+    sign = torch.where(torch.rand(h, generator=g) < 0.5, -1.0, 1.0)
+    reads = ("embed_tokens", "q_proj", "k_proj", "v_proj", "gate_proj", "up_proj", "lm_head")
+    out = {}
+    for k, v in sd.items():
+        if v.ndim == 2 and v.shape[1] == h and any(x in k for x in reads):
+            v = (v * sign)[:, perm]
+        elif v.ndim == 2 and v.shape[0] == h and ("o_proj" in k or "down_proj" in k):
+            v = (v * sign[:, None])[perm]
+        elif v.ndim == 1 and v.shape[0] == h:
+            v = v[perm]
+        out[k] = v.contiguous()
+    save_file(out, f"{dst}/model.safetensors")
+
+
+def test_residual_permuted_copy_is_derived_and_map_recovered(make, tmp_path):
+    base = make("llama")
+    dst = str(tmp_path / "perm")
+    _permute_residual(base, dst)
+    c = verdict_of(dst, base)
+    assert c["verdict"] == "derived" and "permuted" in c["relation"]
+    res = c["alignment"]["residual"]
+    assert res["heldout_r"] > 0.99 and res["sign_flips"] > 0
+    plain = [t for t in c["tensors"] if t["component"] == "attention"]
+    assert all(t["pearson"]["value"] > 0.99 for t in plain)
+
+
+def test_calibration_independent_seed_pairs(make):
+    """≥ 20 independent pairs (different init seed and data order): no tensor clears the derivation threshold."""
+    th = load_thresholds()
+    worst_z, cleared = 0.0, []
+    for s in range(20):
+        c = verdict_of(make("llama", seed=100 + s, train_steps=40), make("llama", seed=200 + s, train_steps=40))
+        assert c["verdict"] == "independent", (s, c["reasons"])
+        for t in c["tensors"]:
+            if t["evidence"] and t["pearson"]["z"] is not None:
+                worst_z = max(worst_z, abs(t["pearson"]["z"]))
+                if abs(t["pearson"]["z"]) >= th.z_derived and abs(t["pearson"]["value"]) >= th.r_derived:
+                    cleared.append((s, t["name"]))
+    assert not cleared
+    assert worst_z < th.z_derived, worst_z
