@@ -50,14 +50,14 @@ def _evaluate(plan, base, model, *, sample, seed, device, progress, th):
     return tensors, components, [layer_groups[k] for k in sorted(layer_groups)]
 
 
-def _residual_search(plan, base, model, *, seed, lines):
+def _residual_search(plan, base, model, *, seed, sample, lines):
     """Fit the residual map; returns (plan to measure or None, fit, parameters the search covers)."""
     emb = embedding_pair(plan)
     if emb is None:
         lines.append("residual permutation: not searched (no token embedding pair to fit it from)")
         return None, None, 0
     norm = layout_for(str((base.config or {}).get("model_type", ""))).norm
-    fit = fit_residual(emb, base, model, signs=norm == "rmsnorm", seed=seed)
+    fit = fit_residual(emb, base, model, signs=norm == "rmsnorm", seed=seed, sample=sample)
     if fit is None:
         lines.append(f"residual permutation: not searched (only {emb.n_rows} shared tokens)")
         return None, None, 0
@@ -109,7 +109,7 @@ def compare_one(model, base, *, sample: float | None, seed: int, device: str, pr
     verdict = decide(tensors, components, th, aligned_params=0, **kwargs)
     summary = dict(plan.summary)
     if verdict.verdict in ("independent", "inconclusive"):
-        new_plan, fit, covered = _residual_search(plan, base, model, seed=seed, lines=lines)
+        new_plan, fit, covered = _residual_search(plan, base, model, seed=seed, sample=sample, lines=lines)
         extra = []
         if new_plan is not None:
             tensors, components, layers = _evaluate(new_plan, base, model, sample=sample, seed=seed,

@@ -75,13 +75,21 @@ def _rows(pair: PairSpec, positions: np.ndarray, base, model, chunk: int = 2048)
         yield a.reshape(len(ib), -1), b.reshape(len(im), -1)
 
 
-def fit_residual(emb: PairSpec, base, model, *, signs: bool, seed: int = 0) -> ResidualFit | None:
-    """Fit the residual map from the embedding pair; None when too few shared tokens."""
+def fit_residual(emb: PairSpec, base, model, *, signs: bool, seed: int = 0,
+                 sample: float | None = None) -> ResidualFit | None:
+    """Fit the residual map from the embedding pair; None when too few shared tokens.
+
+    Reads at most MAX_FIT_TOKENS shared tokens; under ``sample`` the share of tokens read follows the sample
+    fraction, but never fewer than 8 per hidden dimension (the correlation matrix needs them).
+    """
     n_tok, n = emb.n_rows, emb.n_cols
     if n_tok < max(MIN_SHARED_TOKENS, 4):
         return None
+    k = min(n_tok, MAX_FIT_TOKENS)
+    if sample is not None:
+        k = min(k, max(int(sample * n_tok), 8 * n, 2048))
     rng = np.random.default_rng([seed, 0x5E51])
-    chosen = rng.permutation(n_tok)[:min(n_tok, MAX_FIT_TOKENS)]
+    chosen = rng.permutation(n_tok)[:k]
     half = len(chosen) // 2
     fit_pos, test_pos = np.sort(chosen[:half]), np.sort(chosen[half:])
     c = torch.zeros(n, n, dtype=torch.float64)

@@ -65,10 +65,29 @@ class TensorResult:
         }
 
 
-def _loo(acc, fn):
-    """Leave-one-block-out values of fn(totals, col_a, col_b)."""
+def _loo(acc, fn, strata: list[int]):
+    """Stratified delete-one-block values of fn(totals, col_a, col_b) (JKn).
+
+    Deleting block b of stratum h reweights the stratum's other blocks by n_h/(n_h−1), so the stratum keeps its
+    share: totals_(hb) = T − S_h + n_h/(n_h−1)·(S_h − b). Every statistic here is a function of such sums.
+    """
     t, ca, cb = acc.totals, acc.col_a.cpu().numpy(), acc.col_b.cpu().numpy()
-    return [fn(t - b.scalars, ca - b.col_a, cb - b.col_b) for b in acc.blocks]
+    sums: dict[int, list] = {}
+    for blk, h in zip(acc.blocks, strata):
+        s = sums.setdefault(h, [np.zeros_like(t), np.zeros_like(ca), np.zeros_like(cb), 0])
+        s[0] = s[0] + blk.scalars
+        s[1] = s[1] + blk.col_a
+        s[2] = s[2] + blk.col_b
+        s[3] += 1
+    out = []
+    for blk, h in zip(acc.blocks, strata):
+        st, sa, sb, nh = sums[h]
+        if nh < 2:
+            out.append(fn(t, ca, cb))
+            continue
+        w = nh / (nh - 1)
+        out.append(fn(t - st + w * (st - blk.scalars), ca - sa + w * (sa - blk.col_a), cb - sb + w * (sb - blk.col_b)))
+    return out
 
 
 def summarize(m: TensorMeasurement, *, seed: int = 0) -> TensorResult:
@@ -94,11 +113,11 @@ def summarize(m: TensorMeasurement, *, seed: int = 0) -> TensorResult:
     if not m.sample.full and acc.blocks:
         strata, sizes = list(m.sample.strata), list(m.sample.stratum_sizes)
         if r is not None:
-            loo = [x for x in _loo(acc, r_of)]
+            loo = _loo(acc, r_of, strata)
             if all(x is not None for x in loo):
                 ci_r = fx.jackknife_ci(r, loo, strata, sizes)
         if cos is not None:
-            loo = _loo(acc, lambda tt, a, b: fx.cosine(tt))
+            loo = _loo(acc, lambda tt, a, b: fx.cosine(tt), strata)
             if all(x is not None for x in loo):
                 ci_c = fx.jackknife_ci(cos, loo, strata, sizes)
     elif m.sample.full:

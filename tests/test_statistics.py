@@ -1,0 +1,173 @@
+"""The statistics against truths known by construction: null calibration, sampling intervals, combination."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import save_file
+from scipy import stats
+
+from hf_provenance.measurement.accumulate import PairAccumulator, SimHasher, row_hashes, simhash_distance
+from hf_provenance.measurement.sampling import draw
+from hf_provenance.statistics import effects as fx
+from hf_provenance.statistics.aggregate import bonferroni, cauchy_combine
+
+
+def _r_z(a: torch.Tensor, b: torch.Tensor) -> tuple[float, float]:
+    acc = PairAccumulator(n_cols=a.shape[1], keep_blocks=False, sketch=False)
+    for s in range(0, a.shape[0], 37):  # odd block size: the streamed sums must not depend on blocking
+        acc.update(a[s:s + 37], b[s:s + 37])
+    r = fx.ratio(*fx.centred_parts(acc.totals, acc.col_a.numpy(), acc.col_b.numpy(), a.shape[1]))
+    return r, fx.z_two_axes(r, a.shape[0], a.shape[1])
+
+
+def test_streamed_double_centred_pearson_equals_direct_formula():
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(300, 40, generator=g) + torch.randn(300, 1, generator=g) + torch.randn(1, 40, generator=g)
+    b = 0.5 * a + torch.randn(300, 40, generator=g) + 3.0
+    r, _ = _r_z(a, b)
+    ad = a.double() - a.double().mean(1, keepdim=True) - a.double().mean(0, keepdim=True) + a.double().mean()
+    bd = b.double() - b.double().mean(1, keepdim=True) - b.double().mean(0, keepdim=True) + b.double().mean()
+    direct = float((ad * bd).sum() / (ad.norm() * bd.norm()))
+    assert r == pytest.approx(direct, abs=1e-6)  # float32 block products, float64 sums
+
+
+def _structured(rng: np.random.Generator, m: int, n: int, kind: str) -> torch.Tensor:
+    if kind == "row_scale":  # heavy row-scale heterogeneity, drawn per model
+        x = rng.standard_normal((m, n)) * np.exp(rng.normal(0, 1.0, (m, 1)))
+    elif kind == "low_rank":  # rank-8 plus a little noise
+        x = rng.standard_normal((m, 8)) @ rng.standard_normal((8, n)) + 0.3 * rng.standard_normal((m, n))
+    else:  # column scales and a mean
+        x = rng.standard_normal((m, n)) * np.exp(rng.normal(0, 0.7, (1, n))) + 1.0
+    return torch.from_numpy(x.astype(np.float32))
+
+
+def test_nominal_p_values_are_roughly_uniform_under_independence():
+    """KS test over 240 independent structured pairs: row-scale heterogeneity, low rank, column scales."""
+    rng = np.random.default_rng(1)
+    ps = []
+    for i in range(240):
+        kind = ("row_scale", "low_rank", "col_scale")[i % 3]
+        a = _structured(rng, 96, 48, kind)
+        b = _structured(rng, 96, 48, kind)
+        _, z = _r_z(a, b)
+        ps.append(fx.two_sided_p(z))
+    ks = stats.kstest(ps, "uniform")
+    assert ks.pvalue > 0.01, ks
+    assert np.mean(np.array(ps) < 0.05) < 0.1
+
+
+def test_one_axis_null_is_calibrated_with_shared_row_structure():
+    """Rows shared by both models (like token frequency) inflate the two-axis z but not the one-axis z."""
+    rng = np.random.default_rng(2)
+    zs_one, zs_two = [], []
+    for _ in range(60):
+        freq = np.exp(rng.normal(0, 1.0, (400, 1)))  # the same row scales in both models
+        a = torch.from_numpy((freq * rng.standard_normal((400, 32))).astype(np.float32))
+        b = torch.from_numpy((freq * rng.standard_normal((400, 32))).astype(np.float32))
+        acc = PairAccumulator(n_cols=32, keep_blocks=False, sketch=True, seed=int(rng.integers(1 << 30)))
+        acc.update(a, b)
+        ca, cb = acc.col_a.numpy(), acc.col_b.numpy()
+        num, da, db = fx.centred_parts(acc.totals, ca, cb, 32)
+        zs_one.append(fx.z_one_axis(num, acc.sketch_acc.numpy(), ca, cb, 400, 32, acc._g.numpy().astype(float)))
+        zs_two.append(fx.z_two_axes(fx.ratio(num, da, db), 400, 32))
+    assert 0.7 < np.std(zs_one) < 1.4
+    assert np.std(zs_two) > np.std(zs_one)
+
+
+def test_permutation_test_1d():
+    rng = np.random.default_rng(0)
+    a = rng.standard_normal(200)
+    p_dep, z_dep = fx.permutation_test_1d(a, a + 0.5 * rng.standard_normal(200), n_perm=999)
+    assert p_dep == pytest.approx(1 / 1000) and z_dep > 6
+    ps = [fx.permutation_test_1d(rng.standard_normal(50), rng.standard_normal(50), n_perm=199, seed=i)[0]
+          for i in range(100)]
+    assert 0.02 < np.mean(np.array(ps) < 0.1) < 0.2
+    # constant vectors: undefined, not NaN in a verdict
+    p, z = fx.permutation_test_1d(np.ones(10), rng.standard_normal(10))
+    assert np.isnan(p) and np.isnan(z)
+
+
+def test_cauchy_combination_and_bonferroni():
+    assert cauchy_combine([0.5]) == pytest.approx(0.5)
+    assert cauchy_combine([1e-300, 0.9]) < 1e-200
+    assert cauchy_combine([0.01] * 10) == pytest.approx(0.01, rel=0.05)  # identical p-values keep their level
+    assert bonferroni([0.01, 0.5]) == pytest.approx(0.02)
+    assert cauchy_combine([]) is None
+
+
+def test_sampling_blocks_and_strata():
+    rng = np.random.default_rng(0)
+    full = draw(1000, 4096, 0.1, rng)  # 64-row blocks of 256 KiB: 16 blocks < 30 → read fully
+    assert full.full and full.rows_read == 1000
+    s = draw(100_000, 1024, 0.1, rng)  # 256 rows per block, 391 blocks
+    assert not s.full and 0.08 < s.fraction < 0.12
+    assert all(b - a >= 64 for a, b in s.blocks[:-1])
+    assert len(set(s.strata)) == len(s.stratum_sizes)
+    assert all(s.strata.count(h) == 2 for h in set(s.strata))
+
+
+def test_simhash_tracks_correlation_and_survives_bf16():
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(512, 256, generator=g)
+
+    def digest(x):
+        h = SimHasher(256, seed=5)
+        for s in range(0, 512, 100):
+            h.update(x[s:s + 100], s)
+        return h.digest()
+
+    da = digest(a)
+    assert simhash_distance(da, digest(a.bfloat16().float())) <= 8
+    for rho in (0.9, 0.5, 0.0):
+        b = rho * a + np.sqrt(1 - rho ** 2) * torch.randn(512, 256, generator=g)
+        expected = 256 * np.arccos(rho) / np.pi
+        assert abs(simhash_distance(da, digest(b)) - expected) < 30
+
+
+def test_row_hashes_exact_and_dtype_independent():
+    x = torch.randn(10, 16)
+    h = row_hashes(x)
+    assert len(set(h.tolist())) == 10
+    y = x.clone()
+    y[3, 5] = torch.nextafter(y[3, 5], torch.tensor(10.0))
+    h2 = row_hashes(y)
+    assert (h == h2).sum() == 9 and h[3] != h2[3]
+    xb = x.bfloat16()
+    assert np.array_equal(row_hashes(xb), row_hashes(xb.float()))
+
+
+@pytest.fixture(scope="module")
+def sampled_pair(tmp_path_factory):
+    """A derived pair large enough to be sampled: effect varies along the rows (so strata matter)."""
+    d = tmp_path_factory.mktemp("sampled")
+    g = torch.Generator().manual_seed(0)
+    rows, cols = 120_000, 64
+    a = torch.randn(rows, cols, generator=g)
+    noise_scale = torch.linspace(0.3, 3.0, rows).unsqueeze(1)
+    b = a + noise_scale * torch.randn(rows, cols, generator=g)
+    for name, t in (("base", a), ("model", b)):
+        (d / name).mkdir()
+        save_file({"model.layers.0.mlp.down_proj.weight": t.contiguous()}, str(d / name / "model.safetensors"))
+    return str(d / "base"), str(d / "model")
+
+
+def test_sampled_intervals_cover_the_full_value(sampled_pair):
+    """Across 120 seeds the 95% interval of the sampled Pearson covers the full-read value 90-98% of the time."""
+    from hf_provenance.compare import compare
+
+    base, model = sampled_pair
+    full = compare(model, [base]).to_dict()["comparisons"][0]["tensors"][0]
+    truth = full["pearson"]["value"]
+    assert full["fraction_read"] == 1.0
+    hits, fractions = 0, []
+    n = 120
+    for seed in range(n):
+        t = compare(model, [base], sample=0.1, seed=seed).to_dict()["comparisons"][0]["tensors"][0]
+        lo, hi = t["pearson"]["ci"]
+        hits += lo <= truth <= hi
+        fractions.append(t["fraction_read"])
+    print(f"coverage {hits}/{n} = {hits / n:.3f}, mean fraction read {np.mean(fractions):.3f}")
+    assert 0.90 <= hits / n <= 0.98, hits / n
+    assert 0.08 < np.mean(fractions) < 0.13
