@@ -7,6 +7,7 @@ per-block sums give the jackknife. Nothing here keeps a whole tensor.
 from __future__ import annotations
 
 import hashlib
+import math
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -47,8 +48,8 @@ class SimHasher:
     def __init__(self, n_cols: int, seed: int = 0):
         cols = torch.arange(n_cols, dtype=torch.int64)
         hc = _mix64(cols, seed + 1)
-        self.col_bucket = (hc & (SIMHASH_BITS - 1)).to(torch.int64)
-        self.col_sign = torch.where((hc >> 8) & 1 == 1, 1.0, -1.0).to(torch.float32)
+        # bucket in [0, 512): the low 256 collect +1-signed columns, the high 256 the -1-signed ones
+        self.col_bucket = ((hc & (SIMHASH_BITS - 1)) + SIMHASH_BITS * ((hc >> 8) & 1)).to(torch.int64)
         self.seed = seed
         self.acc = torch.zeros(SIMHASH_BITS, dtype=torch.float64)
 
@@ -58,8 +59,9 @@ class SimHasher:
         hr = _mix64(idx, self.seed + 2)
         shift = (hr & (SIMHASH_BITS - 1)).unsqueeze(1)
         rsign = torch.where((hr >> 8) & 1 == 1, 1.0, -1.0).to(torch.float32).unsqueeze(1)
-        buckets = torch.zeros(k, SIMHASH_BITS, dtype=torch.float32)
-        buckets.index_add_(1, self.col_bucket, rows.float().cpu() * self.col_sign)
+        signed = torch.zeros(k, 2 * SIMHASH_BITS, dtype=torch.float32)
+        signed.index_add_(1, self.col_bucket, rows.float().cpu())
+        buckets = signed[:, :SIMHASH_BITS] - signed[:, SIMHASH_BITS:]
         gather = (torch.arange(SIMHASH_BITS).unsqueeze(0) - shift) % SIMHASH_BITS
         rolled = torch.gather(buckets, 1, gather) * rsign
         self.acc += rolled.sum(0, dtype=torch.float64)
@@ -104,6 +106,10 @@ class PairAccumulator:
     nonfinite: int = 0
     sketch_acc: torch.Tensor | None = None
     _g: torch.Tensor | None = None
+    # Scalar shifts subtracted before the float32 products when a tensor is dominated by its offset (norm
+    # weights ≈ 1 ± 1e-4): centred statistics are invariant to them and raw ones are restored exactly (unshift).
+    shift_a: float | None = None
+    shift_b: float | None = None
 
     def __post_init__(self):
         self.totals = np.zeros(len(SCALARS))
@@ -116,21 +122,40 @@ class PairAccumulator:
 
     def update(self, a: torch.Tensor, b: torch.Tensor) -> None:
         """a, b: float32 (k, n_cols) blocks, already mapped into the base's index space."""
-        a = a.to(self.device, torch.float32)
-        b = b.to(self.device, torch.float32)
-        fin = torch.isfinite(a) & torch.isfinite(b)
-        bad = int(fin.numel() - fin.sum())
-        if bad:
-            self.nonfinite += bad
-            a = torch.where(fin, a, 0.0)
-            b = torch.where(fin, b, 0.0)
+        a = a.to(self.device, torch.float32).contiguous()
+        b = b.to(self.device, torch.float32).contiguous()
         k = a.shape[0]
+        if self.shift_a is None:
+            self.shift_a, self.shift_b = _offset(a), _offset(b)
+        exact_equal = torch.equal(a, b)
+        if not exact_equal:
+            d = (a - b).reshape(-1)
+            self.sdd += float(torch.dot(d, d))
+            lo, hi = torch.aminmax(d)
+            self.max_abs_diff = max(self.max_abs_diff, float(-lo), float(hi))
+            self.equal += d.numel() - int(torch.count_nonzero(d))
+        else:
+            self.equal += a.numel()
+        if self.cast_dtype is not None:
+            self.cast_equal += int((a.reshape(-1).to(self.cast_dtype).float() == b.reshape(-1)).sum())
+        if self.shift_a:
+            a = a - self.shift_a
+        if self.shift_b:
+            b = b - self.shift_b
         af, bf = a.reshape(-1), b.reshape(-1)
-        ra, rb = a.sum(1, dtype=torch.float64), b.sum(1, dtype=torch.float64)
-        ca, cb = a.sum(0, dtype=torch.float64), b.sum(0, dtype=torch.float64)
+        saa, sbb = float(torch.dot(af, af)), float(torch.dot(bf, bf))
+        if not (math.isfinite(saa) and math.isfinite(sbb)):  # rare: mask NaN/Inf, count them, go on
+            fin = torch.isfinite(a) & torch.isfinite(b)
+            self.nonfinite += int(fin.numel() - fin.sum())
+            a, b = torch.where(fin, a, 0.0), torch.where(fin, b, 0.0)
+            af, bf = a.reshape(-1), b.reshape(-1)
+            saa, sbb = float(torch.dot(af, af)), float(torch.dot(bf, bf))
+        ones_c = torch.ones(self.n_cols, device=self.device)
+        ones_r = torch.ones(k, device=self.device)
+        ra, rb = (a @ ones_c).double(), (b @ ones_c).double()      # row sums (BLAS)
+        ca, cb = (ones_r @ a).double(), (ones_r @ b).double()      # column sums (BLAS)
         s = np.array([
-            k, float(ra.sum()), float(rb.sum()),
-            float(torch.dot(af, af)), float(torch.dot(bf, bf)), float(torch.dot(af, bf)),
+            k, float(ra.sum()), float(rb.sum()), saa, sbb, float(torch.dot(af, bf)),
             float(torch.dot(ra, rb)), float(torch.dot(ra, ra)), float(torch.dot(rb, rb)),
         ])
         self.totals += s
@@ -138,17 +163,36 @@ class PairAccumulator:
         self.col_b += cb
         if self.keep_blocks:
             self.blocks.append(BlockSums(s, ca.cpu().numpy(), cb.cpu().numpy()))
-        d = af - bf
-        self.sdd += float(torch.dot(d, d))
-        if d.numel():
-            self.max_abs_diff = max(self.max_abs_diff, float(d.abs().max()))
-        self.equal += int((d == 0).sum())
-        if self.cast_dtype is not None:
-            self.cast_equal += int((af.to(self.cast_dtype).float() == bf).sum())
         if self.sketch:
             ar = a - (ra / self.n_cols).float().unsqueeze(1)
             br = b - (rb / self.n_cols).float().unsqueeze(1)
             self.sketch_acc += (ar.T @ (br @ self._g)).double()
+
+
+def _offset(x: torch.Tensor) -> float:
+    """The block's mean when it dominates the spread (|mean| > std), else 0 (no shift, no extra pass)."""
+    if x.numel() < 2:
+        return 0.0
+    std, mean = torch.std_mean(x)
+    mean, std = float(mean), float(std)
+    return mean if math.isfinite(mean) and abs(mean) > std else 0.0
+
+
+def unshift(t: np.ndarray, n_cols: int, mu_a: float | None, mu_b: float | None) -> np.ndarray:
+    """Raw (unshifted) Sa, Sb, Saa, Sbb, Sab from sums of shifted values; other entries unchanged."""
+    mu_a, mu_b = mu_a or 0.0, mu_b or 0.0
+    if not (mu_a or mu_b):
+        return t
+    i = {name: j for j, name in enumerate(SCALARS)}
+    out = t.copy()
+    n = t[i["rows"]] * n_cols
+    sa, sb = t[i["Sa"]], t[i["Sb"]]
+    out[i["Sa"]] = sa + n * mu_a
+    out[i["Sb"]] = sb + n * mu_b
+    out[i["Saa"]] = t[i["Saa"]] + 2 * mu_a * sa + n * mu_a * mu_a
+    out[i["Sbb"]] = t[i["Sbb"]] + 2 * mu_b * sb + n * mu_b * mu_b
+    out[i["Sab"]] = t[i["Sab"]] + mu_b * sa + mu_a * sb + n * mu_a * mu_b
+    return out
 
 
 class ByteHasher:
@@ -158,8 +202,8 @@ class ByteHasher:
         self._h = hashlib.sha256()
 
     def update(self, raw: torch.Tensor) -> None:
-        self._h.update(raw.contiguous().view(torch.uint8).numpy().tobytes() if raw.dtype != torch.uint8
-                       else raw.contiguous().numpy().tobytes())
+        flat = raw.contiguous().reshape(-1)
+        self._h.update(memoryview(flat.view(torch.uint8).numpy() if flat.dtype != torch.uint8 else flat.numpy()))
 
     def hexdigest(self) -> str:
         return self._h.hexdigest()

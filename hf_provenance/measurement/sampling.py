@@ -16,6 +16,7 @@ MIN_BLOCK_ROWS = 64
 MIN_BLOCK_BYTES = 256 * 1024
 MIN_BLOCKS_TO_SAMPLE = 30
 PER_STRATUM = 2
+FULL_READ_CHUNK = 8 * 1024 * 1024  # a full read needs no blocks: large sequential chunks cost fewer calls
 
 
 def block_rows(row_bytes: int) -> int:
@@ -50,7 +51,9 @@ def draw(n_rows: int, row_bytes: int, fraction: float | None, rng: np.random.Gen
     n_blocks = math.ceil(n_rows / br)
     edges = [(i * br, min(n_rows, (i + 1) * br)) for i in range(n_blocks)]
     if fraction is None or fraction >= 1.0 or n_blocks < MIN_BLOCKS_TO_SAMPLE:
-        return RowSample(tuple(edges), (0,) * n_blocks, (n_blocks,), n_rows, True)
+        cr = max(br, FULL_READ_CHUNK // max(1, row_bytes))
+        chunks = tuple((a, min(n_rows, a + cr)) for a in range(0, n_rows, cr))
+        return RowSample(chunks, (0,) * len(chunks), (len(chunks),), n_rows, True)
     k = max(2 * PER_STRATUM, round(fraction * n_blocks))
     n_strata = max(2, k // PER_STRATUM)
     bounds = np.linspace(0, n_blocks, n_strata + 1).round().astype(int)

@@ -94,37 +94,38 @@ def measure_pair(pair: PairSpec, base, cand, *, fraction: float | None, rng: np.
     hash_b = ByteHasher() if full_in_order and not scaled_b else None
     sim_a = SimHasher(n_cols, seed) if full_in_order and ia.is_float else None
     sim_b = SimHasher(n_cols, seed) if full_in_order and ib.is_float else None
-    want_rowhash = sample.full and pair.axes[0] in ("vocab",) and not pair.is_vector
+    # exact row hashes only where vocabulary rows were re-paired (extension, pruning, another tokenizer)
+    want_rowhash = sample.full and pair.axes[0] == "vocab" and not pair.is_vector and pair.base_rows is not None
     rh_a, rh_b, vec_a, vec_b = [], [], [], []
 
+    hashers = ((hash_a, sim_a), (hash_b, sim_b))
+
     def load(block):
+        """Read one block of both tensors (background thread); hashes that need file order are fed here."""
         s, e = block
         out = []
-        for src, name, idx, scaled in ((base, pair.base_name, pair.base_rows, scaled_a),
-                                       (cand, pair.cand_name, pair.cand_rows, scaled_b)):
+        for (src, name, idx, scaled, info), (sha, sim) in zip(
+                ((base, pair.base_name, pair.base_rows, scaled_a, ia),
+                 (cand, pair.cand_name, pair.cand_rows, scaled_b, ib)), hashers):
             if scaled:
-                out.append((None, read_indexed(src.reader, name, idx, s, e, raw=False)))
+                x = read_indexed(src.reader, name, idx, s, e, raw=False)
             else:
                 raw = read_indexed(src.reader, name, idx, s, e, raw=True)
-                out.append((raw, raw.to(torch.float32)))
+                if sha is not None:
+                    sha.update(raw)
+                x = raw.to(torch.float32)
+            x = x.reshape(-1, info.row_len)
+            if sim is not None:
+                sim.update(x, s)
+            out.append(x)
         return out
 
     with ThreadPoolExecutor(max_workers=1) as pool:
         pending = pool.submit(load, sample.blocks[0]) if sample.blocks else None
         for i, block in enumerate(sample.blocks):
-            (raw_a, a), (raw_b, b) = pending.result()
+            a, b = pending.result()
             if i + 1 < len(sample.blocks):
                 pending = pool.submit(load, sample.blocks[i + 1])
-            a = a.reshape(-1, ia.row_len)
-            b = b.reshape(-1, ib.row_len)
-            if hash_a is not None:
-                hash_a.update(raw_a)
-            if hash_b is not None:
-                hash_b.update(raw_b)
-            if sim_a is not None:
-                sim_a.update(a, block[0])
-            if sim_b is not None:
-                sim_b.update(b, block[0])
             if pair.col_map is not None:
                 b = b[:, torch.from_numpy(np.asarray(pair.col_map))]
             if pair.col_sign is not None:

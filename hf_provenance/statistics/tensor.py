@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from hf_provenance.alignment.plan import ARBITRARY
-from hf_provenance.measurement.accumulate import SCALARS, simhash_distance
+from hf_provenance.measurement.accumulate import SCALARS, simhash_distance, unshift
 from hf_provenance.measurement.stream import TensorMeasurement
 from hf_provenance.statistics import effects as fx
 
@@ -90,6 +90,15 @@ def _loo(acc, fn, strata: list[int]):
     return out
 
 
+def _vec_sums(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    a = a - a.mean()
+    b = b - b.mean()
+    t = np.zeros(len(SCALARS))
+    t[_I["rows"]] = 1
+    t[_I["Saa"]], t[_I["Sbb"]], t[_I["Sab"]] = a @ a, b @ b, a @ b
+    return t
+
+
 def summarize(m: TensorMeasurement, *, seed: int = 0) -> TensorResult:
     pair, acc = m.pair, m.acc
     t = acc.totals
@@ -107,8 +116,13 @@ def summarize(m: TensorMeasurement, *, seed: int = 0) -> TensorResult:
         parts = fx.vector_parts(tt, n) if pair.is_vector else fx.centred_parts(tt, a, b, n)
         return fx.ratio(*parts)
 
-    cos = fx.cosine(t)
+    def cos_of(tt, a, b):
+        return fx.cosine(unshift(tt, n, acc.shift_a, acc.shift_b))
+
+    cos = cos_of(t, ca, cb)
     r = r_of(t, ca, cb)
+    if pair.is_vector and m.vec_a is not None:  # exact, in float64
+        r = fx.ratio(*fx.vector_parts(_vec_sums(m.vec_a, m.vec_b), n))
     ci_r = ci_c = None
     if not m.sample.full and acc.blocks:
         strata, sizes = list(m.sample.strata), list(m.sample.stratum_sizes)
@@ -117,7 +131,7 @@ def summarize(m: TensorMeasurement, *, seed: int = 0) -> TensorResult:
             if all(x is not None for x in loo):
                 ci_r = fx.jackknife_ci(r, loo, strata, sizes)
         if cos is not None:
-            loo = _loo(acc, lambda tt, a, b: fx.cosine(tt), strata)
+            loo = _loo(acc, cos_of, strata)
             if all(x is not None for x in loo):
                 ci_c = fx.jackknife_ci(cos, loo, strata, sizes)
     elif m.sample.full:
@@ -152,7 +166,8 @@ def summarize(m: TensorMeasurement, *, seed: int = 0) -> TensorResult:
     if acc.nonfinite:
         notes.append(f"{acc.nonfinite} NaN/Inf values ignored")
 
-    saa, sbb = t[_I["Saa"]], t[_I["Sbb"]]
+    raw = unshift(t, n, acc.shift_a, acc.shift_b)
+    saa, sbb = raw[_I["Saa"]], raw[_I["Sbb"]]
     big = max(saa, sbb)
     rel_l2 = math.sqrt(acc.sdd / big) if big > 0 else None
     mse = acc.sdd / numel if numel else None
