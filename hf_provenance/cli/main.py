@@ -43,12 +43,15 @@ class _Parser(argparse.ArgumentParser):
     """argparse that reports a usage error as one line (and exit 2) instead of the usage block."""
 
     def error(self, message):
-        print(f"{self.prog}: usage error: {message} (see '{self.prog} --help')", file=sys.stderr)
+        # one line in the contract's form: "hf-provenance: <where>: <problem>" (where = the sub-command, if any)
+        command = self.prog.removeprefix("hf-provenance").strip()
+        where = f"{command}: usage error" if command else "usage error"
+        print(f"hf-provenance: {where}: {message} (see '{self.prog} --help')", file=sys.stderr)
         raise SystemExit(2)
 
 
 def _on_sigterm(signum, frame):  # pragma: no cover - exercised through a subprocess test
-    raise Interrupted("hf-provenance", "terminated by signal")
+    raise Interrupted("interrupted", "terminated by SIGTERM")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -61,6 +64,7 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "_run", None):
         parser.print_help(sys.stderr)
         return 2
+    args._argv = list(argv) if argv is not None else sys.argv[1:]  # recorded in reports as run.command
     try:
         return int(args._run(args) or 0)
     except BaseException as exc:  # noqa: BLE001 - one table turns every failure into a line and a code
