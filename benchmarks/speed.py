@@ -1,0 +1,213 @@
+"""Speed and memory of `compare` against the read floor and the usual approaches, measured in one run.
+
+    python benchmarks/speed.py [--dir DIR] [--size 1b] [--repeats 3]
+
+Builds (once, cached in DIR) a synthetic bf16 pair with the package's factory: a random-init Llama-style base and
+a derived model (base + Gaussian noise of 0.5x each tensor's std). Then, each as a separate process (peak RSS from
+the child's VmHWM, which counts every page it touched, mmap included), interleaved over `repeats` rounds, median
+wall time:
+
+  cold read      both checkpoints, page cache evicted with posix_fadvise(DONTNEED), read with 16 MiB preads
+  warm read      the same without eviction (`dd bs=16M of=/dev/null` equivalent)
+  minimal loop   safetensors get_tensor + torch cosine per tensor (cold)
+  usual approach transformers from_pretrained of both models, then a state-dict cosine loop (cold)
+  full compare   hf_provenance.compare.compare (cold)
+  sampled        the same with sample=0.1 (cold)
+
+Prints a Markdown table and the target ratios; writes DIR/speed.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+SIZES = {
+    "100m": dict(hidden=768, layers=8, intermediate=3072, vocab=32000),
+    "300m": dict(hidden=1024, layers=16, intermediate=4096, vocab=32000),
+    "1b": dict(hidden=2048, layers=16, intermediate=8192, vocab=32000),
+}
+
+WORKLOADS = {
+    "cold_read": "read", "warm_read": "read", "minimal_loop": "minimal", "usual_approach": "usual",
+    "compare_full": "compare", "compare_sampled": "compare",
+}
+
+
+def build_pair(root: Path, size: str) -> tuple[Path, Path]:
+    from hf_provenance.factory import apply_transform, build_random
+
+    base, model = root / f"{size}-base", root / f"{size}-noisy"
+    if not (base / "config.json").exists():
+        build_random("llama", base, seed=0, dtype="bfloat16", **SIZES[size])
+    if not (model / "config.json").exists():
+        apply_transform(base, model, "noise", scale=0.5)
+    return base, model
+
+
+def weight_files(folder: Path) -> list[Path]:
+    return sorted(folder.glob("*.safetensors"))
+
+
+def evict(folders) -> None:
+    for folder in folders:
+        for f in weight_files(Path(folder)):
+            fd = os.open(f, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            finally:
+                os.close(fd)
+
+
+# ---- workloads (run in a child process) --------------------------------------------------------------------------
+
+def w_read(folders) -> dict:
+    buf = bytearray(16 << 20)
+    total = 0
+    for folder in folders:
+        for f in weight_files(Path(folder)):
+            fd = os.open(f, os.O_RDONLY)
+            try:
+                while True:
+                    n = os.readv(fd, [buf])
+                    if n <= 0:
+                        break
+                    total += n
+            finally:
+                os.close(fd)
+    return {"bytes": total}
+
+
+def w_minimal(folders) -> dict:
+    import torch
+    from safetensors import safe_open
+
+    base, model = folders
+    handles = {}
+    where = {}
+    for f in weight_files(Path(model)):
+        handles[f] = safe_open(str(f), "pt")
+        where.update({k: handles[f] for k in handles[f].keys()})
+    vals = []
+    for fb in weight_files(Path(base)):
+        with safe_open(str(fb), "pt") as a:
+            for k in a.keys():
+                x, y = a.get_tensor(k).float().reshape(-1), where[k].get_tensor(k).float().reshape(-1)
+                vals.append(float(torch.nn.functional.cosine_similarity(x, y, dim=0)))
+    return {"tensors": len(vals)}
+
+
+def w_usual(folders) -> dict:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    base, model = folders
+    a = AutoModelForCausalLM.from_pretrained(base, dtype=torch.bfloat16)
+    b = AutoModelForCausalLM.from_pretrained(model, dtype=torch.bfloat16)
+    sb = b.state_dict()
+    vals = [float(torch.nn.functional.cosine_similarity(v.float().reshape(-1), sb[k].float().reshape(-1), dim=0))
+            for k, v in a.state_dict().items()]
+    return {"tensors": len(vals)}
+
+
+def w_compare(folders, sample=None) -> dict:
+    from hf_provenance.compare import compare
+
+    base, model = folders
+    d = compare(str(model), [str(base)], sample=sample).to_dict()["comparisons"][0]
+    return {"verdict": d["verdict"], "bytes_read": d["io"]["bytes_read"], "fraction_read": d["io"]["fraction_read"]}
+
+
+def child(name: str, folders: list[str]) -> None:
+    kind = WORKLOADS[name]
+    if kind == "read":
+        out = w_read(folders)
+    elif kind == "minimal":
+        out = w_minimal(folders)
+    elif kind == "usual":
+        out = w_usual(folders)
+    else:
+        out = w_compare(folders, 0.1 if name == "compare_sampled" else None)
+    # VmHWM: this process's peak resident set since exec (every touched page, mmap included). wait4's ru_maxrss
+    # would also count the parent's pages at fork time.
+    hwm = next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith("VmHWM:"))
+    out["peak_rss_mib"] = hwm / 1024
+    print(json.dumps(out))
+
+
+def run_one(name: str, folders: list[str]) -> dict:
+    if name != "warm_read":
+        evict(folders)
+    else:
+        w_read(folders)  # make sure the pages are there
+    t0 = time.perf_counter()
+    proc = subprocess.Popen([sys.executable, __file__, "--child", name, *folders], stdout=subprocess.PIPE,
+                            env=dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1])))
+    out = proc.stdout.read()
+    _, status, _ = os.wait4(proc.pid, 0)
+    wall = time.perf_counter() - t0
+    if os.waitstatus_to_exitcode(status) != 0:
+        raise SystemExit(f"{name} failed")
+    return {"seconds": wall, **json.loads(out.decode().splitlines()[-1])}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--dir", default=str(Path(__file__).parent / "out"))
+    ap.add_argument("--size", default="1b", choices=sorted(SIZES))
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--skip", default="", help="comma-separated workloads to skip (e.g. usual_approach)")
+    ap.add_argument("--child", nargs="+")
+    args = ap.parse_args()
+    if args.child:
+        child(args.child[0], args.child[1:])
+        return
+    root = Path(args.dir)
+    root.mkdir(parents=True, exist_ok=True)
+    base, model = build_pair(root, args.size)
+    folders = [str(base), str(model)]
+    stored = sum(f.stat().st_size for d in folders for f in weight_files(Path(d)))
+    names = [n for n in WORKLOADS if n not in args.skip.split(",")]
+    runs: dict[str, list[dict]] = {n: [] for n in names}
+    for r in range(args.repeats):
+        for n in names:  # interleaved: each round runs every workload once
+            runs[n].append(run_one(n, folders))
+            print(f"round {r + 1} {n}: {runs[n][-1]['seconds']:.2f} s, {runs[n][-1]['peak_rss_mib']:.0f} MiB",
+                  file=sys.stderr)
+    med = {n: statistics.median(x["seconds"] for x in v) for n, v in runs.items()}
+    rss = {n: max(x["peak_rss_mib"] for x in v) for n, v in runs.items()}
+    machine = f"{platform.machine()}, {os.cpu_count()} cores, {platform.python_version()}"
+    print(f"\n{args.size}: two bf16 checkpoints, {stored / 1e9:.2f} GB stored; {machine}; median of {args.repeats}\n")
+    print("| workload | wall (s) | GB/s stored | peak RSS (MiB) |")
+    print("|---|---:|---:|---:|")
+    for n in names:
+        print(f"| {n.replace('_', ' ')} | {med[n]:.2f} | {stored / 1e9 / med[n]:.2f} | {rss[n]:.0f} |")
+    ratios = {}
+    if "compare_full" in med:
+        ratios["full / minimal loop"] = med["compare_full"] / med.get("minimal_loop", float("nan"))
+        ratios["full / cold read"] = med["compare_full"] / med.get("cold_read", float("nan"))
+        ratios["full / sampled"] = med["compare_full"] / med.get("compare_sampled", float("nan"))
+        if "usual_approach" in med:
+            ratios["usual / full (time)"] = med["usual_approach"] / med["compare_full"]
+            ratios["usual / full (RSS)"] = rss["usual_approach"] / rss["compare_full"]
+    print("\n| ratio | value | target |")
+    print("|---|---:|---|")
+    targets = {"full / minimal loop": "≤ 1", "full / cold read": "≤ 2", "full / sampled": "≥ 5",
+               "usual / full (time)": "≥ 2", "usual / full (RSS)": "≥ 4"}
+    for k, v in ratios.items():
+        print(f"| {k} | {v:.2f} | {targets[k]} |")
+    (root / "speed.json").write_text(json.dumps({"size": args.size, "stored_bytes": stored, "machine": machine,
+                                                 "median_seconds": med, "peak_rss_mib": rss, "ratios": ratios,
+                                                 "runs": runs}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
