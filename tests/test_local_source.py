@@ -175,9 +175,6 @@ def test_content_id_reads_no_weight_bytes(tmp_path):
 
 def test_nonexistent_refs():
     with pytest.raises(ModelNotFoundError) as err:
-        open_model("no-org/no-model")
-    assert str(err.value) == "no-org/no-model: no such file or folder; Hub ids are not supported yet"
-    with pytest.raises(ModelNotFoundError) as err:
         open_model("/no/such/path")
     assert str(err.value) == "/no/such/path: no such file or folder"
 
@@ -189,7 +186,8 @@ def test_resolvers_are_a_list_tried_in_order(tmp_path, monkeypatch):
         seen.append((ref, options))
         return "fake-source" if ref == "org/x" else None
 
-    monkeypatch.setattr("hf_provenance.sources.RESOLVERS", [*RESOLVERS, fake])
+    # a resolver placed before the Hub resolver (which would claim "org/x") is tried first
+    monkeypatch.setattr("hf_provenance.sources.RESOLVERS", [RESOLVERS[0], fake, *RESOLVERS[1:]])
     assert open_model("org/x") == "fake-source"
     assert seen == [("org/x", {"allow_pickle": False})]
 

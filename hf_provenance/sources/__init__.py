@@ -31,6 +31,8 @@ def _resolve_local(ref: str, *, allow_pickle: bool = False, **_: Any) -> LocalSo
 
 
 RESOLVERS: list[Resolver] = [_resolve_local]
+from hf_provenance.sources.hub import resolve_hub  # noqa: E402 - local paths first: an existing path wins
+RESOLVERS.append(resolve_hub)
 
 
 def looks_like_hub_id(ref: str) -> bool:
