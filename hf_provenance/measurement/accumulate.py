@@ -38,30 +38,33 @@ def _mix64(x: torch.Tensor, seed: int) -> torch.Tensor:
 
 
 class SimHasher:
-    """256-bit SimHash of a tensor's values, streaming and O(numel).
+    """256-bit SimHash of a tensor's values, streaming, one pass over the values.
 
-    Element (i, j) goes to bucket (h_c[j] + h_r[i]) mod 256 with sign s_c[j]·s_r[i] (seeded hashes of the row and
-    column index); each bucket sums signed values and the bit is the bucket's sign. Two tensors with Pearson ρ
-    disagree on about 256·arccos(ρ)/π bits, so a bf16 re-export of a tensor still matches.
+    Element (i, j) goes to bucket (j mod 256 + h_r[i]) mod 256 with sign s_g[j // 256]·s_r[i] (seeded hashes of the
+    row index and of the column group); each bucket sums its signed values and the bit is the bucket's sign.
+    Buckets sum disjoint sets of elements, so for two tensors with Pearson ρ each bit differs with probability
+    arccos(ρ)/π: the Hamming distance tracks 256·arccos(ρ)/π and a bf16 re-export still matches.
     """
 
     def __init__(self, n_cols: int, seed: int = 0):
-        cols = torch.arange(n_cols, dtype=torch.int64)
-        hc = _mix64(cols, seed + 1)
-        # bucket in [0, 512): the low 256 collect +1-signed columns, the high 256 the -1-signed ones
-        self.col_bucket = ((hc & (SIMHASH_BITS - 1)) + SIMHASH_BITS * ((hc >> 8) & 1)).to(torch.int64)
+        self.n_cols = n_cols
+        self.groups = -(-n_cols // SIMHASH_BITS)
+        hg = _mix64(torch.arange(self.groups, dtype=torch.int64), seed + 1)
+        self.group_sign = torch.where((hg >> 8) & 1 == 1, 1.0, -1.0).to(torch.float32)
         self.seed = seed
         self.acc = torch.zeros(SIMHASH_BITS, dtype=torch.float64)
 
     def update(self, rows: torch.Tensor, first_row: int) -> None:
         k = rows.shape[0]
+        x = rows.float().cpu()
+        pad = self.groups * SIMHASH_BITS - self.n_cols
+        if pad:
+            x = torch.nn.functional.pad(x, (0, pad))
+        buckets = torch.matmul(self.group_sign, x.view(k, self.groups, SIMHASH_BITS))  # (k, 256), one pass
         idx = torch.arange(first_row, first_row + k, dtype=torch.int64)
         hr = _mix64(idx, self.seed + 2)
         shift = (hr & (SIMHASH_BITS - 1)).unsqueeze(1)
         rsign = torch.where((hr >> 8) & 1 == 1, 1.0, -1.0).to(torch.float32).unsqueeze(1)
-        signed = torch.zeros(k, 2 * SIMHASH_BITS, dtype=torch.float32)
-        signed.index_add_(1, self.col_bucket, rows.float().cpu())
-        buckets = signed[:, :SIMHASH_BITS] - signed[:, SIMHASH_BITS:]
         gather = (torch.arange(SIMHASH_BITS).unsqueeze(0) - shift) % SIMHASH_BITS
         rolled = torch.gather(buckets, 1, gather) * rsign
         self.acc += rolled.sum(0, dtype=torch.float64)
@@ -121,21 +124,17 @@ class PairAccumulator:
             self.sketch_acc = torch.zeros(self.n_cols, SKETCH_K, dtype=torch.float64, device=self.device)
 
     def update(self, a: torch.Tensor, b: torch.Tensor) -> None:
-        """a, b: float32 (k, n_cols) blocks, already mapped into the base's index space."""
+        """a, b: float32 (k, n_cols) blocks, already mapped into the base's index space.
+
+        All block scalars are reduced on the device and fetched with one synchronisation; blocks of ~1 MiB stay in
+        cache across the dozen reductions.
+        """
         a = a.to(self.device, torch.float32).contiguous()
         b = b.to(self.device, torch.float32).contiguous()
         k = a.shape[0]
         if self.shift_a is None:
             self.shift_a, self.shift_b = _offset(a), _offset(b)
-        exact_equal = torch.equal(a, b)
-        if not exact_equal:
-            d = (a - b).reshape(-1)
-            self.sdd += float(torch.dot(d, d))
-            lo, hi = torch.aminmax(d)
-            self.max_abs_diff = max(self.max_abs_diff, float(-lo), float(hi))
-            self.equal += d.numel() - int(torch.count_nonzero(d))
-        else:
-            self.equal += a.numel()
+        d = (a - b).reshape(-1)
         if self.cast_dtype is not None:
             self.cast_equal += int((a.reshape(-1).to(self.cast_dtype).float() == b.reshape(-1)).sum())
         if self.shift_a:
@@ -143,34 +142,37 @@ class PairAccumulator:
         if self.shift_b:
             b = b - self.shift_b
         af, bf = a.reshape(-1), b.reshape(-1)
-        saa, sbb = float(torch.dot(af, af)), float(torch.dot(bf, bf))
-        if not (math.isfinite(saa) and math.isfinite(sbb)):  # rare: mask NaN/Inf, count them, go on
+        ra, rb = a.sum(1), b.sum(1)
+        ca, cb = a.sum(0).double(), b.sum(0).double()  # float32 within a block, float64 across blocks
+        lo, hi = torch.aminmax(d) if d.numel() else (torch.zeros(()), torch.zeros(()))
+        vals = torch.stack([
+            torch.dot(af, af), torch.dot(bf, bf), torch.dot(af, bf), ra.sum(), rb.sum(),
+            torch.dot(ra, rb), torch.dot(ra, ra), torch.dot(rb, rb),
+            torch.dot(d, d), (d.numel() - torch.count_nonzero(d)).float(), -lo, hi]).tolist()
+        saa, sbb, sab, sa, sb, rab, raa, rbb, sdd, equal, neg_lo, hi_v = vals
+        if not all(map(math.isfinite, (saa, sbb, sab, sdd))):  # rare: mask NaN/Inf, count them, redo the block
             fin = torch.isfinite(a) & torch.isfinite(b)
             self.nonfinite += int(fin.numel() - fin.sum())
-            a, b = torch.where(fin, a, 0.0), torch.where(fin, b, 0.0)
-            af, bf = a.reshape(-1), b.reshape(-1)
-            saa, sbb = float(torch.dot(af, af)), float(torch.dot(bf, bf))
-        ones_c = torch.ones(self.n_cols, device=self.device)
-        ones_r = torch.ones(k, device=self.device)
-        ra, rb = (a @ ones_c).double(), (b @ ones_c).double()      # row sums (BLAS)
-        ca, cb = (ones_r @ a).double(), (ones_r @ b).double()      # column sums (BLAS)
-        s = np.array([
-            k, float(ra.sum()), float(rb.sum()), saa, sbb, float(torch.dot(af, bf)),
-            float(torch.dot(ra, rb)), float(torch.dot(ra, ra)), float(torch.dot(rb, rb)),
-        ])
+            self.update(torch.where(fin, a + (self.shift_a or 0.0), 0.0), torch.where(fin, b + (self.shift_b or 0.0), 0.0))
+            return
+        s = np.array([k, sa, sb, saa, sbb, sab, rab, raa, rbb])
         self.totals += s
         self.col_a += ca
         self.col_b += cb
+        self.sdd += sdd
+        self.equal += int(equal)
+        self.max_abs_diff = max(self.max_abs_diff, neg_lo, hi_v)
         if self.keep_blocks:
             self.blocks.append(BlockSums(s, ca.cpu().numpy(), cb.cpu().numpy()))
         if self.sketch:
-            ar = a - (ra / self.n_cols).float().unsqueeze(1)
-            br = b - (rb / self.n_cols).float().unsqueeze(1)
+            ar = a - (ra / self.n_cols).unsqueeze(1)
+            br = b - (rb / self.n_cols).unsqueeze(1)
             self.sketch_acc += (ar.T @ (br @ self._g)).double()
 
 
 def _offset(x: torch.Tensor) -> float:
     """The block's mean when it dominates the spread (|mean| > std), else 0 (no shift, no extra pass)."""
+    x = x.reshape(-1)[:4096]  # a probe of the first values is enough to see an offset
     if x.numel() < 2:
         return 0.0
     std, mean = torch.std_mean(x)

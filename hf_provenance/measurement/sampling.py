@@ -16,7 +16,7 @@ MIN_BLOCK_ROWS = 64
 MIN_BLOCK_BYTES = 256 * 1024
 MIN_BLOCKS_TO_SAMPLE = 30
 PER_STRATUM = 2
-FULL_READ_CHUNK = 8 * 1024 * 1024  # a full read needs no blocks: large sequential chunks cost fewer calls
+FULL_READ_CHUNK = 1024 * 1024  # full reads: big enough to amortise calls, small enough to stay in cache
 
 
 def block_rows(row_bytes: int) -> int:

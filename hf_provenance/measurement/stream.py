@@ -55,10 +55,16 @@ def _runs(idx: np.ndarray) -> list[tuple[int, int, int]]:
     return out
 
 
-def read_indexed(reader, name: str, idx: np.ndarray | None, start: int, stop: int, *, raw: bool) -> torch.Tensor:
-    """Rows idx[start:stop] (or rows start..stop when idx is None), coalescing contiguous runs into single reads."""
+def read_indexed(reader, name: str, idx: np.ndarray | None, start: int, stop: int, *, raw: bool,
+                 copy: bool = True) -> torch.Tensor:
+    """Rows idx[start:stop] (or rows start..stop when idx is None), coalescing contiguous runs into single reads.
+
+    ``copy=False`` (raw contiguous reads only) may return a view of the reader's buffer, valid until its next read.
+    """
     fetch = reader.read_raw if raw else reader.read_rows
     if idx is None:
+        if raw and not copy:
+            return reader.read_raw(name, start, stop, copy=False)
         return fetch(name, start, stop)
     sel = np.asarray(idx[start:stop])
     uniq, inverse = np.unique(sel, return_inverse=True)
@@ -98,34 +104,42 @@ def measure_pair(pair: PairSpec, base, cand, *, fraction: float | None, rng: np.
     want_rowhash = sample.full and pair.axes[0] == "vocab" and not pair.is_vector and pair.base_rows is not None
     rh_a, rh_b, vec_a, vec_b = [], [], [], []
 
-    hashers = ((hash_a, sim_a), (hash_b, sim_b))
+    sides = ((base, pair.base_name, pair.base_rows, scaled_a, ia, hash_a, sim_a),
+             (cand, pair.cand_name, pair.cand_rows, scaled_b, ib, hash_b, sim_b))
 
-    def load(block):
-        """Read one block of both tensors (background thread); hashes that need file order are fed here."""
+    def load(side, block):
+        """Read one block of one side (each side on its own thread); hashes that need file order are fed here."""
+        src, name, idx, scaled, info, sha, sim = side
         s, e = block
-        out = []
-        for (src, name, idx, scaled, info), (sha, sim) in zip(
-                ((base, pair.base_name, pair.base_rows, scaled_a, ia),
-                 (cand, pair.cand_name, pair.cand_rows, scaled_b, ib)), hashers):
-            if scaled:
-                x = read_indexed(src.reader, name, idx, s, e, raw=False)
-            else:
-                raw = read_indexed(src.reader, name, idx, s, e, raw=True)
-                if sha is not None:
-                    sha.update(raw)
-                x = raw.to(torch.float32)
-            x = x.reshape(-1, info.row_len)
-            if sim is not None:
-                sim.update(x, s)
-            out.append(x)
-        return out
+        if scaled:
+            x = read_indexed(src.reader, name, idx, s, e, raw=False)
+        else:
+            raw = read_indexed(src.reader, name, idx, s, e, raw=True, copy=False)
+            if sha is not None:
+                sha.update(raw)
+            # the raw rows are a view of the reader's buffer, which the next read overwrites: always copy
+            x = raw.to(torch.float32, copy=True)
+        x = x.reshape(-1, info.row_len)
+        if sim is not None:
+            sim.update(x, s)
+        return x
 
-    with ThreadPoolExecutor(max_workers=1) as pool:
-        pending = pool.submit(load, sample.blocks[0]) if sample.blocks else None
+    for side in sides:  # remote sources fetch the sampled blocks ahead, coalesced, several in flight
+        prefetch = getattr(side[0], "prefetch", None)
+        if prefetch is not None and sample.blocks:
+            idx = side[2]
+            prefetch([(side[1], int(a), int(b)) for a, b in sample.blocks] if idx is None else
+                     [(side[1], int(r), int(r) + 1) for a, b in sample.blocks for r in np.asarray(idx)[a:b]])
+
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        def submit(block):
+            return pool.submit(load, sides[0], block), pool.submit(load, sides[1], block)
+
+        pending = submit(sample.blocks[0]) if sample.blocks else None
         for i, block in enumerate(sample.blocks):
-            a, b = pending.result()
+            a, b = pending[0].result(), pending[1].result()
             if i + 1 < len(sample.blocks):
-                pending = pool.submit(load, sample.blocks[i + 1])
+                pending = submit(sample.blocks[i + 1])
             if pair.col_map is not None:
                 b = b[:, torch.from_numpy(np.asarray(pair.col_map))]
             if pair.col_sign is not None:

@@ -193,12 +193,17 @@ class RowReader:
     def is_scale(self, name: str) -> bool:
         return name in self.scale_names
 
-    def read_raw(self, name: str, start: int = 0, stop: int | None = None) -> torch.Tensor:
-        """Rows [start, stop) in the stored dtype, shape (k, row_len); a fresh tensor (no view of the buffer)."""
+    def read_raw(self, name: str, start: int = 0, stop: int | None = None, *, copy: bool = True) -> torch.Tensor:
+        """Rows [start, stop) in the stored dtype, shape (k, row_len).
+
+        ``copy=False`` returns a view of the reader's reusable buffer, valid only until the next read from this
+        reader: for a caller that consumes it at once (hash it, convert it) on the reader's only thread.
+        """
         info = self._info(name)
         start, stop = self._range(info, start, stop)
         with self._lock:
-            return self._rows(info, start, stop, 0).clone()
+            rows = self._rows(info, start, stop, 0)
+            return rows.clone() if copy else rows
 
     def read_rows(self, name: str, start: int = 0, stop: int | None = None) -> torch.Tensor:
         """Rows [start, stop) decoded to float32, FP8 scales applied, shape (k, row_len)."""
