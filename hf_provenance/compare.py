@@ -18,12 +18,13 @@ from hf_provenance.alignment.identity import identity_plan
 from hf_provenance.alignment.layouts import layout_for
 from hf_provenance.alignment.residual import apply_residual, embedding_pair, fit_residual, residual_axis_params
 from hf_provenance.errors import UsageError
+from hf_provenance.formats import check_adapter, unreadable_format
 from hf_provenance.measurement.stream import measure_plan
 from hf_provenance.result import Comparison, CompareReport, ModelRef
 from hf_provenance.statistics import aggregate, folk
 from hf_provenance.statistics.tensor import summarize
 from hf_provenance.statistics.thresholds import load as load_thresholds
-from hf_provenance.verdict import decide, hub_relation
+from hf_provenance.verdict import Verdict, decide, hub_relation
 
 
 def _ref(src) -> ModelRef:
@@ -78,10 +79,49 @@ def _residual_search(plan, base, model, *, seed, sample, lines):
     return None, fit, covered
 
 
+def _same_lfs_files(model, base) -> bool:
+    """Both Hub revisions list weight files whose LFS sha256 are the same multiset: identical bytes."""
+    fa, fb = model.content_id.files, base.content_id.files
+    if model.content_id.kind != "hub" or base.content_id.kind != "hub" or not fa or not fb:
+        return False
+    wa = sorted(v for k, v in fa.items() if k.endswith(".safetensors"))
+    wb = sorted(v for k, v in fb.items() if k.endswith(".safetensors"))
+    return bool(wa) and wa == wb
+
+
+def _shortcut(model, base, verdict: Verdict, alignment_line: str, extra: dict | None = None) -> Comparison:
+    """A comparison decided without measuring weights (equal LFS hashes, adapters)."""
+    th = load_thresholds()
+    empty = aggregate.group("overall", [], th)
+    io = {"bytes_read": {"model": 0, "base": 0}, "bytes_total": 0, "fraction_read": 0.0, "seconds": 0.0}
+    alignment = {"residual": None, "units": None, "heads": None, "layers": None, "experts": None, "vocab": None,
+                 "lines": [alignment_line]}
+    alignment.update(extra or {})
+    return Comparison(base=_ref(base), verdict=verdict, components={}, layers=(), overall=empty, tensors=(),
+                      alignment=alignment, architecture=_arch(base, model), io=io,
+                      declared=_declared(model, base, verdict), rule_of_thumb=folk.rule_of_thumb(None, None))
+
+
 def compare_one(model, base, *, sample: float | None, seed: int, device: str, progress=None) -> Comparison:
     th = load_thresholds()
     t0 = time.perf_counter()
+    if _same_lfs_files(model, base):
+        v = Verdict("identical", ("copy",), "direction not determined by weights (identical)",
+                    ("every weight file has the same LFS sha256 on both sides: identical without reading weights",))
+        return _shortcut(model, base, v, "not needed: equal LFS sha256 certify identical bytes")
+    if model.adapter is not None:
+        chk = check_adapter(model, base)
+        if chk.matches_base:
+            v = Verdict("derived", ("adapter",), "the adapter is applied to the base: model derived from base",
+                        (f"LoRA adapter: {chk.modules_checked} target modules fit the base's shapes "
+                         "(by construction, not weight evidence)",
+                         f"adapter_config declares base_model_name_or_path = {chk.base_declared}"))
+        else:
+            v = Verdict("inconclusive", (), "not determined",
+                        ("LoRA adapter does not fit this base: " + "; ".join(chk.mismatches[:3]),))
+        return _shortcut(model, base, v, "LoRA adapter checked by construction", {"adapter": chk.to_dict()})
     read0 = (model.reader.bytes_read, base.reader.bytes_read)
+    fetched0 = (getattr(model, "bytes_fetched", 0), getattr(base, "bytes_fetched", 0))
     plan, facts = identity_plan(base, model)
     tensors, components, layers = _evaluate(plan, base, model, sample=sample, seed=seed, device=device,
                                             progress=progress, th=th)
@@ -99,8 +139,13 @@ def compare_one(model, base, *, sample: float | None, seed: int, device: str, pr
             containment["vocab_rows_unchanged"] = emb[0].rowhash_jaccard == 1.0
     not_compared = [f"{u.side} tensor {u.name}: {u.reason}" for u in plan.unmatched
                     if "counted once" not in u.reason and "buffer" not in u.reason]
+    fmt = unreadable_format(model) or unreadable_format(base)
+    if fmt:
+        packed = [n for src in (model, base) if unreadable_format(src)
+                  for n, info in src.inventory.items() if not info.is_float]
+        not_compared.insert(0, f"{len(packed)} packed tensors: not comparable (format {fmt})")
     kwargs = dict(containment=containment, sampled=bool(sample), not_compared=not_compared,
-                  quantized=model.quantization)
+                  quantized=model.quantization, unreadable_format=fmt)
     lines = [f"identity plan: {len(plan.pairs)} tensor pairs by canonical key; "
              f"{len(plan.unmatched)} without counterpart"]
     if vmap is not None:
@@ -132,6 +177,9 @@ def compare_one(model, base, *, sample: float | None, seed: int, device: str, pr
     io = {"bytes_read": {"model": bytes_model, "base": bytes_base}, "bytes_total": total,
           "fraction_read": (bytes_model + bytes_base) / total if total else 0.0,
           "seconds": time.perf_counter() - t0}
+    if hasattr(model, "bytes_fetched") or hasattr(base, "bytes_fetched"):
+        io["bytes_fetched"] = {"model": getattr(model, "bytes_fetched", 0) - fetched0[0],
+                               "base": getattr(base, "bytes_fetched", 0) - fetched0[1]}
     alignment = {"residual": None, "units": None, "heads": None, "layers": None, "experts": None}
     alignment.update(summary)
     alignment["lines"] = lines

@@ -46,7 +46,8 @@ def _fmt_r(g: GroupEffect) -> str:
 
 def decide(tensors: list[TensorResult], components: dict[str, GroupEffect], th: Thresholds, *,
            aligned_params: int, containment: dict, sampled: bool, not_compared: list[str],
-           quantized: str | None = None, extra_relations: list[str] | None = None) -> Verdict:
+           quantized: str | None = None, extra_relations: list[str] | None = None,
+           unreadable_format: str | None = None) -> Verdict:
     """containment: {"layers": (base, model), "vocab": (base_rows, model_rows), "vocab_rows_unchanged": bool|None,
     "moe": (base_is_moe, model_is_moe)} as observed; ``not_compared`` lists what could not be compared and why."""
     nc = tuple(not_compared)
@@ -116,6 +117,10 @@ def decide(tensors: list[TensorResult], components: dict[str, GroupEffect], th: 
         return Verdict(verdict, tuple(dict.fromkeys(rel)), direction, tuple(reasons[:3]), nc)
 
     coverage = aligned_params / max(1, elig_params) if elig_params else 0.0
+    if unreadable_format:  # the packed weights were not compared: never contradict a card with "independent"
+        reasons = [f"the quantised weights (format {unreadable_format}) are not comparable yet; what could be "
+                   "compared shows no shared lineage, which says nothing about the packed tensors"]
+        return Verdict("inconclusive", tuple(dict.fromkeys(rel)), "not determined", tuple(reasons + list(nc))[:3], nc)
     if overall.abs_upper is not None and overall.abs_upper < th.delta and coverage >= th.coverage_independent:
         reasons = [f"aligned effect over {overall.n_tensors} tensors: mean |r| ≤ {overall.abs_upper:.3f} (95% upper "
                    f"bound) < δ = {th.delta}",

@@ -577,3 +577,49 @@ def test_reader_protocol(hub):
     src.close()
     assert src.reader.read_rows("lm_head.weight", 0, 2).shape == (2, 64)  # reopens after close
     assert isinstance(RemoteError("x", "y"), ConnectionError) and issubclass(RepoAccessError, InputError)
+
+
+# --- verdicts that need the Hub's metadata ------------------------------------------------------------------------
+def test_equal_lfs_sha256_is_identical_without_reading_weights(hub, models):
+    from hf_provenance.compare import compare
+
+    c = compare("org/redirect", ["org/tiny"]).comparisons[0]
+    assert c.verdict.verdict == "identical" and "LFS sha256" in c.verdict.reasons[0]
+    headers = sum(8 + _header_len(p) for p in models["tiny"].glob("*.safetensors"))
+    assert _weights_served(hub) <= 2 * headers  # headers only, no tensor bytes
+    assert c.io["bytes_read"] == {"model": 0, "base": 0}
+
+
+def test_declared_base_is_used_and_checked(hub):
+    from hf_provenance.compare import compare
+
+    # org/ft's card declares no base; org/tiny's card declares org/ancestor, which is not served
+    report = compare("org/adapter")  # the adapter's card declares org/tiny
+    c = report.comparisons[0]
+    assert "base_model" in report.notes[0] and c.base.ref == "org/tiny"
+    assert c.verdict.verdict == "derived" and c.verdict.relation == ("adapter",)
+    assert "by construction, not weight evidence" in c.verdict.reasons[0]
+    assert c.declared["is_declared_base"] and "confirmed" in c.declared["message"]
+
+
+def test_gptq_repo_declared_quantized_is_never_independent(hub):
+    from hf_provenance.compare import compare
+
+    c = compare("org/quant", ["org/base"]).comparisons[0]
+    assert c.verdict.verdict == "inconclusive"
+    assert any("not comparable (format gptq)" in x for x in c.verdict.not_compared)
+
+
+def test_adapter_that_does_not_fit_is_not_derived(hub):
+    from hf_provenance.compare import compare
+
+    c = compare("org/adapter", ["org/base"]).comparisons[0]  # hidden 128 base: q_proj shapes do not fit
+    assert c.verdict.verdict == "inconclusive" and "does not fit" in c.verdict.reasons[0]
+
+
+def test_no_declared_base_is_a_usage_error(hub):
+    from hf_provenance.compare import compare
+    from hf_provenance.errors import UsageError
+
+    with pytest.raises(UsageError, match="declares no base_model"):
+        compare("org/ft")
