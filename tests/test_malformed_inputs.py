@@ -444,8 +444,12 @@ def nonexistent_path(tmp):
 
 
 @case(ModelNotFoundError)
-def hub_id_not_supported_yet(tmp):
-    return "some-org/some-model@main", "some-org/some-model@main: no such file or folder; Hub ids are not supported yet"
+def hub_id_offline_not_in_cache(tmp):
+    home = os.environ["HF_HOME"]  # the test session's empty HF_HOME; HF_HUB_OFFLINE=1 (conftest)
+    return "some-org/some-model@main", (
+        f"some-org/some-model@main: not in the local HF cache ({home}/hub), and no local file or folder by that "
+        "name; HF_HUB_OFFLINE=1 keeps the Hub off: download it first (`hf download some-org/some-model --revision "
+        "main`) or unset HF_HUB_OFFLINE")
 
 
 @case(InputError)
@@ -476,6 +480,19 @@ def test_malformed_input(tmp_path, build, error, kwargs):
     assert type(err.value) is error, f"expected exactly {error.__name__}, got {type(err.value).__name__}"
     assert str(err.value) == message
     assert "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("build,error,kwargs", [c for c in CASES if not c.values[2]])
+def test_malformed_input_through_the_cli(tmp_path, capsys, build, error, kwargs):
+    """The same corpus through `hf-provenance inspect`: exactly one stderr line, the exit code, no traceback."""
+    from hf_provenance.cli.main import main
+
+    ref, message = build(tmp_path)
+    code = main(["inspect", ref])
+    err = capsys.readouterr().err
+    assert code == error.exit_code == 2
+    assert err == f"hf-provenance: {message}\n"
+    assert "Traceback" not in err
 
 
 def test_cache_blob_symlink_is_accepted(tmp_path):

@@ -113,6 +113,10 @@ class PairAccumulator:
     # weights ≈ 1 ± 1e-4): centred statistics are invariant to them and raw ones are restored exactly (unshift).
     shift_a: float | None = None
     shift_b: float | None = None
+    # Power-of-two scales applied to each tensor when its values are tiny or huge (denormals would vanish in
+    # float32 products); exact, and undone in ``raw_totals``. Differences are taken before scaling.
+    scale_a: float = 1.0
+    scale_b: float = 1.0
 
     def __post_init__(self):
         self.totals = np.zeros(len(SCALARS))
@@ -123,7 +127,7 @@ class PairAccumulator:
             self._g = (torch.randn(self.n_cols, SKETCH_K, generator=gen) / SKETCH_K ** 0.5).to(self.device)
             self.sketch_acc = torch.zeros(self.n_cols, SKETCH_K, dtype=torch.float64, device=self.device)
 
-    def update(self, a: torch.Tensor, b: torch.Tensor) -> None:
+    def update(self, a: torch.Tensor, b: torch.Tensor, *, _masked: bool = False) -> None:
         """a, b: float32 (k, n_cols) blocks, already mapped into the base's index space.
 
         All block scalars are reduced on the device and fetched with one synchronisation; blocks of ~1 MiB stay in
@@ -132,11 +136,17 @@ class PairAccumulator:
         a = a.to(self.device, torch.float32).contiguous()
         b = b.to(self.device, torch.float32).contiguous()
         k = a.shape[0]
-        if self.shift_a is None:
-            self.shift_a, self.shift_b = _offset(a), _offset(b)
         d = (a - b).reshape(-1)
         if self.cast_dtype is not None:
             self.cast_equal += int((a.reshape(-1).to(self.cast_dtype).float() == b.reshape(-1)).sum())
+        if self.shift_a is None:
+            self.scale_a, self.scale_b = _pow2_scale(a), _pow2_scale(b)
+        if self.scale_a != 1.0:
+            a = _times_pow2(a, self.scale_a)
+        if self.scale_b != 1.0:
+            b = _times_pow2(b, self.scale_b)
+        if self.shift_a is None:
+            self.shift_a, self.shift_b = _offset(a), _offset(b)
         if self.shift_a:
             a = a - self.shift_a
         if self.shift_b:
@@ -150,10 +160,13 @@ class PairAccumulator:
             torch.dot(ra, rb), torch.dot(ra, ra), torch.dot(rb, rb),
             torch.dot(d, d), (d.numel() - torch.count_nonzero(d)).float(), -lo, hi]).tolist()
         saa, sbb, sab, sa, sb, rab, raa, rbb, sdd, equal, neg_lo, hi_v = vals
-        if not all(map(math.isfinite, (saa, sbb, sab, sdd))):  # rare: mask NaN/Inf, count them, redo the block
-            fin = torch.isfinite(a) & torch.isfinite(b)
+        if not _masked and not all(map(math.isfinite, (saa, sbb, sab, sdd))):
+            # rare: NaN/Inf values; count them and redo the block with them set to 0 (in stored units)
+            ra_, rb_ = a + (self.shift_a or 0.0), b + (self.shift_b or 0.0)
+            fin = torch.isfinite(ra_) & torch.isfinite(rb_)
             self.nonfinite += int(fin.numel() - fin.sum())
-            self.update(torch.where(fin, a + (self.shift_a or 0.0), 0.0), torch.where(fin, b + (self.shift_b or 0.0), 0.0))
+            self.update(torch.where(fin, _times_pow2(ra_, 1.0 / self.scale_a), 0.0),
+                        torch.where(fin, _times_pow2(rb_, 1.0 / self.scale_b), 0.0), _masked=True)
             return
         s = np.array([k, sa, sb, saa, sbb, sab, rab, raa, rbb])
         self.totals += s
@@ -168,6 +181,42 @@ class PairAccumulator:
             ar = a - (ra / self.n_cols).unsqueeze(1)
             br = b - (rb / self.n_cols).unsqueeze(1)
             self.sketch_acc += (ar.T @ (br @ self._g)).double()
+
+
+    def raw_totals(self) -> np.ndarray:
+        """The scalar sums of the values as stored (shift and scale undone)."""
+        t = unshift(self.totals, self.n_cols, self.shift_a, self.shift_b)
+        if self.scale_a == 1.0 and self.scale_b == 1.0:
+            return t
+        t = t.copy()
+        sa, sb = self.scale_a, self.scale_b
+        for name, div in (("Sa", sa), ("Sb", sb), ("Saa", sa * sa), ("Sbb", sb * sb), ("Sab", sa * sb),
+                          ("Rab", sa * sb), ("Raa", sa * sa), ("Rbb", sb * sb)):
+            t[SCALARS.index(name)] /= div
+        return t
+
+    @property
+    def raw_sdd(self) -> float:
+        return self.sdd
+
+    @property
+    def raw_max_abs_diff(self) -> float:
+        return self.max_abs_diff
+
+
+def _times_pow2(x: torch.Tensor, factor: float) -> torch.Tensor:
+    """x · factor for a power-of-two factor, exactly, even when the factor itself overflows float32."""
+    if factor == 1.0:
+        return x
+    return torch.ldexp(x, torch.tensor(math.frexp(factor)[1] - 1, dtype=torch.int32))
+
+
+def _pow2_scale(x: torch.Tensor) -> float:
+    """2^k bringing the first block's largest magnitude near 1 when it is below 1e-15 or above 1e15, else 1."""
+    peak = float(x.abs().max()) if x.numel() else 0.0
+    if not math.isfinite(peak) or peak == 0.0 or 1e-15 <= peak <= 1e15:
+        return 1.0
+    return 2.0 ** (-math.frexp(peak)[1])
 
 
 def _offset(x: torch.Tensor) -> float:

@@ -166,11 +166,11 @@ def summarize(m: TensorMeasurement, *, seed: int = 0) -> TensorResult:
     if acc.nonfinite:
         notes.append(f"{acc.nonfinite} NaN/Inf values ignored")
 
-    raw = unshift(t, n, acc.shift_a, acc.shift_b)
+    raw = acc.raw_totals()
     saa, sbb = raw[_I["Saa"]], raw[_I["Sbb"]]
     big = max(saa, sbb)
-    rel_l2 = math.sqrt(acc.sdd / big) if big > 0 else None
-    mse = acc.sdd / numel if numel else None
+    rel_l2 = math.sqrt(acc.raw_sdd / big) if big > 0 else None
+    mse = acc.raw_sdd / numel if numel else None
     u = UNIT_ROUNDOFF.get(m.dtype_b)
     mean_sq = saa / numel if numel else 0.0
     rel_mse = (mse / (mean_sq * u * u / 3.0)) if (mse is not None and u and mean_sq > 0) else None
@@ -192,7 +192,7 @@ def summarize(m: TensorMeasurement, *, seed: int = 0) -> TensorResult:
         numel=pair.numel, axes=tuple(pair.axes), evidence=evidence,
         cosine=fx.Statistic(cos, ci_c, None, None, None, numel),
         pearson=fx.Statistic(r, ci_r, z, p, null, numel),
-        rel_l2=rel_l2, rel_mse_rounding=rel_mse, mse=mse, max_abs_diff=acc.max_abs_diff,
+        rel_l2=rel_l2, rel_mse_rounding=rel_mse, mse=mse, max_abs_diff=acc.raw_max_abs_diff,
         max_abs_diff_is_bound=not m.sample.full, frac_equal=acc.equal / numel if numel else 0.0,
         bit_equal=bit_equal, cast_equal=cast_eq, sha256_equal=sha_eq, simhash_distance=sim,
         rowhash_jaccard=m.rowhash_jaccard, fraction_read=m.sample.fraction, notes=tuple(notes))
