@@ -20,6 +20,7 @@ import time
 from dataclasses import dataclass, replace
 from typing import Any, Callable
 
+from hf_provenance.cli import card as card_cli
 from hf_provenance.errors import UsageError
 
 VERDICTS = ("identical", "derived", "partial", "independent", "inconclusive")
@@ -186,6 +187,7 @@ def _compare_args(p: argparse.ArgumentParser) -> None:
                         "inconclusive)")
     p.add_argument("--fail-on-best", metavar="V,...", action="append", default=[],
                    help="exit 1 when the top-ranked base's verdict is one of these")
+    card_cli.add_report_options(p)
 
 
 def run_compare(args: argparse.Namespace) -> int:
@@ -197,6 +199,7 @@ def run_compare(args: argparse.Namespace) -> int:
     fail_on = parse_verdicts(args.fail_on, "--fail-on")
     fail_on_best = parse_verdicts(args.fail_on_best, "--fail-on-best")
     _check_json_target(args.json)
+    card_cli.check_report_targets(args)
     device = parse_device(args.device)
 
     progress = ProgressBar(sample)
@@ -207,7 +210,9 @@ def run_compare(args: argparse.Namespace) -> int:
         progress.close()
     report = replace(report, run={**report.run, "command": _command_line(args)})
     doc = report.to_dict()
+    outputs = card_cli.render_reports(args, doc)  # rendered before anything is written
     _emit(args, doc, render_compare)
+    card_cli.write_outputs(outputs)
     return _fail_on(doc, fail_on, fail_on_best)
 
 
@@ -305,6 +310,9 @@ COMMANDS: list[Command] = [
             _arch_args, run_arch),
     Command("compare", "Compare a model's weights with one or more suspected bases: identical, derived, partial, "
                        "independent or inconclusive.", _compare_args, run_compare),
+    Command("card", "Write the provenance section (and optionally base_model metadata) into a model card, from a "
+                    "saved report or a fresh comparison; --push opens a pull request on the Hub.",
+            card_cli.add_arguments, card_cli.run),
     Command("demo", "Build a tiny model family (fine-tune, independent, cast, pruned, vocabulary-extended) and show "
                     "what the tool finds.", _demo_args, run_demo),
 ]
