@@ -32,7 +32,7 @@ LFS = ("version https://git-lfs.github.com/spec/v1\noid sha256:"
 LFS_HINT = ("is a Git LFS pointer, not the weights: fetch them with `git lfs pull` (or `lfs: true` in "
             "actions/checkout), or pass the Hub id instead")
 UNPICKLE = ("refusing to unpickle (pickle files can run code when loaded); convert the checkpoint to safetensors, "
-            "or pass allow_pickle=True to load it with torch.load(weights_only=True)")
+            "or pass --allow-pickle (allow_pickle=True) to load it with torch.load(weights_only=True)")
 VERDICT_LIST = "identical, derived, partial, independent, inconclusive"
 SAMPLE_HINT = "must be a fraction in (0, 1] (e.g. 0.1 reads a tenth of the row blocks)"
 
@@ -488,3 +488,23 @@ def test_demo_runs_in_under_a_minute(capsys, tmp_path_factory):
         row = next(line.split() for line in table.splitlines() if line.startswith(variant + " "))
         assert row[1:3] == [verdict, relation], row
     assert "inspect" in out and "Depth: 3 vs 4 decoder layers" in flat(out)
+
+
+def test_allow_pickle_reads_weights_only_pickles(make, tmp_path, capsys):
+    """--allow-pickle reads a .bin checkpoint through torch.load(weights_only=True); without it, refused (exit 2)."""
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file
+
+    from hf_provenance.cli.main import main
+
+    src = make("llama")
+    folder = tmp_path / "pickled"
+    folder.mkdir()
+    shutil.copy(f"{src}/config.json", folder / "config.json")
+    torch.save(load_file(f"{src}/model.safetensors"), folder / "pytorch_model.bin")
+    assert main(["inspect", str(folder)]) == 2
+    assert "refusing to unpickle" in capsys.readouterr().err
+    assert main(["compare", str(folder), "--base", src, "--allow-pickle"]) == 0
+    assert "IDENTICAL" in capsys.readouterr().out

@@ -27,7 +27,7 @@ LFS = ("version https://git-lfs.github.com/spec/v1\noid sha256:"
 LFS_HINT = ("is a Git LFS pointer, not the weights: fetch them with `git lfs pull` (or `lfs: true` in "
             "actions/checkout), or pass the Hub id instead")
 UNPICKLE = ("refusing to unpickle (pickle files can run code when loaded); convert the checkpoint to safetensors, "
-            "or pass allow_pickle=True to load it with torch.load(weights_only=True)")
+            "or pass --allow-pickle (allow_pickle=True) to load it with torch.load(weights_only=True)")
 KNOWN = "BF16, BOOL, F16, F32, F64, F8_E4M3, F8_E5M2, I16, I32, I64, I8, U16, U32, U64, U8"
 
 

@@ -140,9 +140,24 @@ def parse_device(raw: str) -> str:
 
 # --------------------------------------------------------------------------------------------- inspect
 
+def _add_allow_pickle(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--allow-pickle", action="store_true",
+                   help="read .bin/.pt/.pth/.ckpt checkpoints (only through torch.load(weights_only=True), whole "
+                        "tensors in memory); refused by default because pickles can run code")
+
+
+def _opener(args: argparse.Namespace):
+    from functools import partial
+
+    from hf_provenance.sources import open_model
+
+    return partial(open_model, allow_pickle=bool(getattr(args, "allow_pickle", False)))
+
+
 def _inspect_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", metavar="MODEL", help="a model folder, a .safetensors file or an HF cache snapshot")
     _add_json(p)
+    _add_allow_pickle(p)
 
 
 def run_inspect(args: argparse.Namespace) -> int:
@@ -150,7 +165,7 @@ def run_inspect(args: argparse.Namespace) -> int:
     from hf_provenance.report.terminal_inspect import render_inspect
 
     _check_json_target(args.json)
-    _emit(args, inspect_model(args.model).to_dict(), render_inspect)
+    _emit(args, inspect_model(args.model, open_fn=_opener(args)).to_dict(), render_inspect)
     return 0
 
 
@@ -187,6 +202,7 @@ def _compare_args(p: argparse.ArgumentParser) -> None:
                         "inconclusive)")
     p.add_argument("--fail-on-best", metavar="V,...", action="append", default=[],
                    help="exit 1 when the top-ranked base's verdict is one of these")
+    _add_allow_pickle(p)
     card_cli.add_report_options(p)
 
 
@@ -202,7 +218,7 @@ def run_compare(args: argparse.Namespace) -> int:
     card_cli.check_report_targets(args)
     device = parse_device(args.device)
 
-    progress = ProgressBar(sample)
+    progress = ProgressBar(sample, opener=_opener(args))
     try:
         report = compare(args.model, list(args.base) or None, sample=sample, seed=seed, device=device,
                          open_fn=progress.open_model, progress=progress)
@@ -240,7 +256,8 @@ class ProgressBar:
 
     delay_s = 1.0
 
-    def __init__(self, sample: float | None, *, stream=None):
+    def __init__(self, sample: float | None, *, stream=None, opener=None):
+        self.opener = opener
         self.stream = stream or sys.stderr
         self.enabled = bool(getattr(self.stream, "isatty", lambda: False)())
         self.sample = sample
@@ -255,7 +272,7 @@ class ProgressBar:
     def open_model(self, ref: str):
         from hf_provenance.sources import open_model
 
-        src = open_model(ref)
+        src = (self.opener or open_model)(ref)
         if self.opened:  # the first ref opened is the model; the others are bases
             self.base_ref = ref
             self.total += sum(i.nbytes for i in src.inventory.values())

@@ -31,7 +31,7 @@ PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
 # Pickles that trainers leave beside the weights; they hold no weights, so they neither count nor block.
 NOT_WEIGHTS = frozenset({"training_args.bin", "optimizer.pt", "optimizer.bin", "scheduler.pt", "scaler.pt"})
 UNPICKLE_HINT = ("refusing to unpickle (pickle files can run code when loaded); convert the checkpoint to "
-                 "safetensors, or pass allow_pickle=True to load it with torch.load(weights_only=True)")
+                 "safetensors, or pass --allow-pickle (allow_pickle=True) to load it with torch.load(weights_only=True)")
 
 
 @dataclass
