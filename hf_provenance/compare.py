@@ -15,6 +15,7 @@ import numpy as np
 
 from hf_provenance import __version__
 from hf_provenance.alignment.identity import identity_plan
+from hf_provenance.alignment.layers import layer_plan
 from hf_provenance.alignment.layouts import layout_for
 from hf_provenance.alignment.residual import apply_residual, embedding_pair, fit_residual, residual_axis_params
 from hf_provenance.errors import UsageError
@@ -51,7 +52,7 @@ def _evaluate(plan, base, model, *, sample, seed, device, progress, th):
     return tensors, components, [layer_groups[k] for k in sorted(layer_groups)]
 
 
-def _residual_search(plan, base, model, *, seed, sample, lines):
+def _residual_search(plan, base, model, facts, *, seed, sample, lines, layered):
     """Fit the residual map; returns (plan to measure or None, fit, parameters the search covers)."""
     emb = embedding_pair(plan)
     if emb is None:
@@ -69,6 +70,11 @@ def _residual_search(plan, base, model, *, seed, sample, lines):
                      f"(held-out r = {fit.heldout_r:.3f})")
         return None, fit, covered
     if fit.heldout_r is not None and fit.heldout_r >= load_thresholds().r_derived:
+        if not layered:  # layer sketches are position-based: redo the layer map through the residual map
+            again = layer_plan(base, model, plan, facts, seed=seed, sample=sample, residual=fit)
+            if again is not None:
+                plan = again[0]
+                lines += again[2]
         new_plan, covered = apply_residual(plan, fit, emb.n_cols)
         lines.append(f"residual permutation recovered for {emb.n_cols} dims{flips}: held-out embedding r = "
                      f"{fit.heldout_r:.3f} (identity map: {fit.heldout_r_identity:.3f}); applied to every layer")
@@ -123,11 +129,16 @@ def compare_one(model, base, *, sample: float | None, seed: int, device: str, pr
     read0 = (model.reader.bytes_read, base.reader.bytes_read)
     fetched0 = (getattr(model, "bytes_fetched", 0), getattr(base, "bytes_fetched", 0))
     plan, facts = identity_plan(base, model)
+    layer_lines: list[str] = []
+    found = layer_plan(base, model, plan, facts, seed=seed, sample=sample)
+    if found is not None:  # layers renumbered, dropped or repeated: pair each model layer with its base layer
+        plan, _, layer_lines = found
+    layer_rel = list((plan.summary.get("layers") or {}).get("relation", []))
     tensors, components, layers = _evaluate(plan, base, model, sample=sample, seed=seed, device=device,
                                             progress=progress, th=th)
     vmap = facts["vocab"]
     lay_b, lay_m = facts["layers"]
-    containment = {"layers": (lay_b, lay_m)}
+    containment = {"layers": (lay_b, lay_m), "layer_relation": layer_rel}
 
     def _emb(ts):
         return [t for t in ts if t.component == "embeddings" and t.key.startswith("token_embd")]
@@ -137,6 +148,7 @@ def compare_one(model, base, *, sample: float | None, seed: int, device: str, pr
         containment["vocab"] = (vmap.base_size, vmap.model_size)
         if emb and emb[0].rowhash_jaccard is not None:
             containment["vocab_rows_unchanged"] = emb[0].rowhash_jaccard == 1.0
+        containment["vocab_changed"] = bool(vmap.base_only or vmap.model_only or not vmap.is_identity)
     not_compared = [f"{u.side} tensor {u.name}: {u.reason}" for u in plan.unmatched
                     if "counted once" not in u.reason and "buffer" not in u.reason]
     fmt = unreadable_format(model) or unreadable_format(base)
@@ -151,10 +163,12 @@ def compare_one(model, base, *, sample: float | None, seed: int, device: str, pr
     if vmap is not None:
         lines.append(f"vocabulary: {vmap.shared} shared rows by {vmap.method} "
                      f"(base {vmap.base_size}, model {vmap.model_size})")
+    lines += layer_lines
     verdict = decide(tensors, components, th, aligned_params=0, **kwargs)
     summary = dict(plan.summary)
     if verdict.verdict in ("independent", "inconclusive"):
-        new_plan, fit, covered = _residual_search(plan, base, model, seed=seed, sample=sample, lines=lines)
+        new_plan, fit, covered = _residual_search(plan, base, model, facts, seed=seed, sample=sample,
+                                                  lines=lines, layered=found is not None)
         extra = []
         if new_plan is not None:
             tensors, components, layers = _evaluate(new_plan, base, model, sample=sample, seed=seed,
@@ -167,7 +181,7 @@ def compare_one(model, base, *, sample: float | None, seed: int, device: str, pr
     else:
         lines.append("permutation search: not needed (the identity plan already shows shared lineage)")
     overall = aggregate.group("overall", [t for t in tensors if t.evidence], th)
-    n_layers = max(lay_b, 1)
+    n_layers = max(lay_b, lay_m, 1)
     mean_layer_cos = float(np.mean([g.cos_mean for g in layers if g.cos_mean is not None])) if layers else None
     emb = _emb(tensors)
     emb_cos = emb[0].cosine.value if emb else None

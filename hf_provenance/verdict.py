@@ -57,6 +57,9 @@ def decide(tensors: list[TensorResult], components: dict[str, GroupEffect], th: 
     direction = "direction not determined by weights"
     lay_b, lay_m = containment.get("layers", (None, None))
     voc_b, voc_m = containment.get("vocab", (None, None))
+    layer_rel = containment.get("layer_relation") or []
+    if "permuted" in layer_rel:
+        rel.append("permuted")
     if lay_b and lay_m and lay_m < lay_b:
         rel.append("pruned")
         direction = f"model has fewer layers ({lay_m} vs {lay_b}): model derived from base"
@@ -69,8 +72,13 @@ def decide(tensors: list[TensorResult], components: dict[str, GroupEffect], th: 
     elif voc_b and voc_m and voc_m < voc_b:
         rel.append("vocab-pruned")
         direction = f"model's vocabulary is a subset of the base's ({voc_m} vs {voc_b} rows): model derived from base"
+    elif containment.get("vocab_changed"):
+        rel.append("vocab-changed")
 
     all_equal = all(t.frac_equal == 1.0 for t in tensors)
+    if "vocab-changed" in rel:  # not a DESIGN relation: it only stops an "identical" over re-paired rows
+        rel.remove("vocab-changed")
+        all_equal = False
     if all_equal and not nc and not rel:
         same_dtype = all(t.dtype[0] == t.dtype[1] for t in tensors)
         if sampled:

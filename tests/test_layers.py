@@ -177,11 +177,12 @@ def test_compare_with_layer_plan_end_to_end(monkeypatch, make, family, variant, 
     for t in sketched:
         rows = model.inventory[t["model_name"]].n_rows
         assert t["shape"][0] < rows
-    # without the layer map, model layers compared by number pair unrelated layers
+    # compare() itself now runs the layer map: the same pairs, the same evidence
     from hf_provenance.compare import compare
 
-    plain = compare(model_dir, [base_dir]).to_dict()["comparisons"][0]
-    assert any(t["pearson"]["value"] < 0.5 for t in plain["tensors"] if t["layer"] is not None and t["evidence"])
+    wired = compare(model_dir, [base_dir]).to_dict()["comparisons"][0]
+    assert wired["alignment"]["layers"]["map"] == c["alignment"]["layers"]["map"]
+    assert all(t["pearson"]["value"] > 0.99 for t in wired["tensors"] if t["layer"] is not None and t["evidence"])
 
 
 def _chain(src: str, dst: Path, *steps) -> str:
