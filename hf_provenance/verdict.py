@@ -130,8 +130,8 @@ def decide(tensors: list[TensorResult], components: dict[str, GroupEffect], th: 
                    "compared shows no shared lineage, which says nothing about the packed tensors"]
         return Verdict("inconclusive", tuple(dict.fromkeys(rel)), "not determined", tuple(reasons + list(nc))[:3], nc)
     if overall.abs_upper is not None and overall.abs_upper < th.delta and coverage >= th.coverage_independent:
-        reasons = [f"aligned effect over {overall.n_tensors} tensors: mean |r| ≤ {overall.abs_upper:.3f} (95% upper "
-                   f"bound) < δ = {th.delta}",
+        reasons = [f"aligned effect over {overall.n_tensors} tensors: mean |r| beyond its null level ≤ "
+                   f"{overall.abs_upper:.3f} (95% upper bound) < δ = {th.delta}",
                    f"no tensor clears the derivation threshold (|r| ≥ {th.r_derived}, |z| ≥ {th.z_derived})",
                    f"permutation alignment attempted on {coverage:.0%} of the compared parameters"]
         return Verdict("independent", (), "not applicable", tuple(reasons), nc)

@@ -45,7 +45,7 @@ class GroupEffect:
     n_evidence: int              # tensors that clear the derivation threshold
     params: int
     r_mean: float | None         # parameter-weighted mean Pearson over evidence-eligible tensors
-    r_abs_mean: float | None     # parameter-weighted mean |r| (for the equivalence test)
+    r_abs_mean: float | None     # weighted mean |r| beyond its null expectation sqrt(2/pi)·sd0 (equivalence test)
     ci: tuple[float, float] | None
     abs_upper: float | None      # one-sided 95% upper bound of r_abs_mean
     cos_mean: float | None
@@ -86,11 +86,17 @@ def group(name: str, tensors: list[TensorResult], th: Thresholds) -> GroupEffect
     r = np.array([t.pearson.value for t in elig])
     # sampling sd of each tensor's r from its interval (zero-width when read fully)
     sd = np.array([((t.pearson.ci[1] - t.pearson.ci[0]) / (2 * 1.96)) if t.pearson.ci else 0.0 for t in elig])
+    # the null sd of each r (|r/z|; 1/sqrt(n) without a z): under independence E|r| = sqrt(2/pi)·sd0
+    sd0 = np.array([abs(t.pearson.value / t.pearson.z) if t.pearson.z else 1.0 / math.sqrt(max(t.numel, 2))
+                    for t in elig])
     wn = w / w.sum()
     r_mean = float(wn @ r)
     se = float(math.sqrt(float((wn ** 2) @ (sd ** 2))))
-    r_abs = float(wn @ np.abs(r))
-    upper = r_abs + 1.645 * se
+    # the equivalence statistic: mean |r| in excess of what independent tensors of these sizes give
+    excess = np.abs(r) - math.sqrt(2 / math.pi) * sd0
+    r_abs = max(0.0, float(wn @ excess))
+    se_abs = float(math.sqrt(float((wn ** 2) @ (sd ** 2 + (1 - 2 / math.pi) * sd0 ** 2))))
+    upper = r_abs + 1.645 * se_abs
     ps = [t.pearson.p for t in elig if t.pearson.p is not None]
     need = min(th.min_evidence_tensors, len(elig))
     derived = n_ev >= max(1, need) and abs(r_mean) >= th.r_derived
