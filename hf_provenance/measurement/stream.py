@@ -40,6 +40,7 @@ class TensorMeasurement:
     simhash_a: str | None = None
     simhash_b: str | None = None
     rowhash_jaccard: float | None = None
+    bytes_differ: bool = False
     notes: list[str] = field(default_factory=list)
 
 
@@ -107,6 +108,9 @@ def measure_pair(pair: PairSpec, base, cand, *, fraction: float | None, rng: np.
     sides = ((base, pair.base_name, pair.base_rows, scaled_a, ia, hash_a, sim_a),
              (cand, pair.cand_name, pair.cand_rows, scaled_b, ib, hash_b, sim_b))
 
+    # SHA-256 only answers "same stored bytes?": once a block differs (or the dtypes do) it stops hashing
+    bytes_differ = [ia.dtype != ib.dtype]
+
     def load(side, block):
         """Read one block of one side (each side on its own thread); hashes that need file order are fed here."""
         src, name, idx, scaled, info, sha, sim = side
@@ -115,7 +119,7 @@ def measure_pair(pair: PairSpec, base, cand, *, fraction: float | None, rng: np.
             x = read_indexed(src.reader, name, idx, s, e, raw=False)
         else:
             raw = read_indexed(src.reader, name, idx, s, e, raw=True, copy=False)
-            if sha is not None:
+            if sha is not None and not bytes_differ[0]:
                 sha.update(raw)
             # the raw rows are a view of the reader's buffer, which the next read overwrites: always copy
             x = raw.to(torch.float32, copy=True)
@@ -152,9 +156,16 @@ def measure_pair(pair: PairSpec, base, cand, *, fraction: float | None, rng: np.
             if pair.is_vector:
                 vec_a.append(a.reshape(-1).numpy().astype(np.float64))
                 vec_b.append(b.reshape(-1).numpy().astype(np.float64))
+            equal_before = acc.equal
             acc.update(a, b)
-    if hash_a is not None:
-        m.sha_a, m.sha_b = hash_a.hexdigest(), hash_b.hexdigest() if hash_b else None
+            if acc.equal - equal_before != a.numel():
+                bytes_differ[0] = True
+    if hash_a is not None and hash_b is not None:
+        if bytes_differ[0]:
+            m.sha_a = m.sha_b = None
+            m.bytes_differ = True
+        else:
+            m.sha_a, m.sha_b = hash_a.hexdigest(), hash_b.hexdigest()
     if sim_a is not None and sim_b is not None:
         m.simhash_a, m.simhash_b = sim_a.digest(), sim_b.digest()
     if want_rowhash and rh_a:

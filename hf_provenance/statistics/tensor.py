@@ -177,6 +177,8 @@ def summarize(m: TensorMeasurement, *, seed: int = 0) -> TensorResult:
     bit_equal = m.dtype_a == m.dtype_b and acc.equal == numel and not acc.nonfinite and m.sample.full
     if m.sha_a and m.sha_b:
         sha_eq = m.sha_a == m.sha_b
+    elif m.bytes_differ:
+        sha_eq = False
     else:
         sha_eq = None
     if m.dtype_a == m.dtype_b:
