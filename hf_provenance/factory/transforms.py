@@ -38,6 +38,7 @@ META_NAME = "factory.json"
 LAYER_PATTERNS = (
     re.compile(r"^(model\.layers\.)(\d+)(\..+)$"),  # Llama, Qwen, DeepSeek, Mistral ...
     re.compile(r"^(bert\.encoder\.layer\.)(\d+)(\..+)$"),  # BERT
+    re.compile(r"^(encoder\.layer\.)(\d+)(\..+)$"),  # BERT saved without its task head (sentence-transformers)
     re.compile(r"^(model\.language_model\.layers\.)(\d+)(\..+)$"),  # multimodal wrappers
     re.compile(r"^(transformer\.h\.)(\d+)(\..+)$"),  # GPT-2
 )
@@ -198,6 +199,424 @@ def _extend_files(folder: Path, ctx: Context) -> None:
         tokenizers_.extend(folder, ctx.plan["new_tokens"])
 
 
+# ---- layer up-scaling (SOLAR-style depth up-scaling) ---------------------------------------------------------
+
+def _upscale_prepare(ctx: Context) -> dict[str, Any]:
+    """SOLAR 10.7B (Kim et al. 2023, arXiv:2312.15166): two copies of the n layers, the last m dropped from the
+    first and the first m from the second: layers 0..n-m-1 then m..n-1 of the base, 2(n-m) in all."""
+    n = int(ctx.config["num_hidden_layers"])
+    m = ctx.params["m"]
+    m = max(1, n // 4) if m is None else int(m)
+    if not 1 <= m or not 2 * (n - m) > n:
+        raise ValueError(f"m={m}: up-scaling {n} layers needs 1 <= m < {n}/2 (2(n-m) layers must exceed n)")
+    source = list(range(0, n - m)) + list(range(m, n))
+    return {"m": m, "source_layers": source, "layer_map": {str(new): old for new, old in enumerate(source)}}
+
+
+def _upscale(key: str, t: torch.Tensor, ctx: Context) -> list[tuple[str, torch.Tensor]]:
+    match = _layer_match(key)
+    if match is None:
+        return [(key, t)]
+    old = int(match.group(2))
+    news = [new for new, src in enumerate(ctx.plan["source_layers"]) if src == old]
+    # a layer used twice is written twice; safetensors refuses two names on one storage, hence the clone
+    return [(f"{match.group(1)}{new}{match.group(3)}", t if i == 0 else t.clone()) for i, new in enumerate(news)]
+
+
+def _upscale_config(config: dict[str, Any], ctx: Context) -> dict[str, Any]:
+    source = ctx.plan["source_layers"]
+    n_old = int(ctx.config["num_hidden_layers"])
+    for name, how in LAYER_CONFIG_FIELDS.items():
+        if name not in config or config[name] is None:
+            continue
+        value = config[name]
+        if how == "count":
+            config[name] = len(source)
+        elif how == "leading_count":
+            dense = [old < value for old in source]
+            k = sum(dense)
+            if dense != [True] * k + [False] * (len(dense) - k):
+                raise ValueError(f"{name}={value}: up-scaled layers {source} put a dense layer after an MoE "
+                                 "layer, which this config field cannot express")
+            config[name] = k
+        elif how == "index_list":
+            config[name] = [new for new, old in enumerate(source) if old in value]
+        elif how == "per_layer" and isinstance(value, list) and len(value) == n_old:
+            config[name] = [value[old] for old in source]
+    return config
+
+
+# ---- vocabulary re-spelled in another tokenizer family, or pruned ---------------------------------------------
+
+# A factory tokenizer style -> the token-normalisation family it writes, and the family other_tokenizer writes.
+STYLE_KIND = {"metaspace": "metaspace", "bytelevel": "bytelevel", "bytelevel_deepseek": "bytelevel",
+              "wordpiece": "wordpiece"}
+OTHER_KIND = {"metaspace": "bytelevel", "bytelevel": "metaspace", "wordpiece": "bytelevel"}
+
+
+def _style_of(ctx: Context) -> str:
+    style = ctx.source.get("tokenizer_style")
+    if style not in STYLE_KIND:
+        raise ValueError(f"transform {ctx.name!r} needs a factory folder (tokenizer_style in factory.json), "
+                         f"got tokenizer_style={style!r}")
+    return style
+
+
+def _ordinary_ids(ctx: Context) -> tuple[int, int]:
+    """(number of special tokens leading the vocabulary, vocabulary size)."""
+    return len(tokenizers_.special_tokens(_style_of(ctx))), int(ctx.config["vocab_size"])
+
+
+def _other_prepare(ctx: Context) -> dict[str, Any]:
+    k, v = _ordinary_ids(ctx)
+    n_drop, n_add = int(ctx.params["n_drop"]), int(ctx.params["n_add"])
+    if not 0 <= n_drop < v - k or n_add < 0:
+        raise ValueError(f"n_drop={n_drop}, n_add={n_add}: need 0 <= n_drop < {v - k} ordinary tokens, n_add >= 0")
+    src_kind = STYLE_KIND[_style_of(ctx)]
+    target = ctx.params["target"] or OTHER_KIND[src_kind]
+    if target not in ("bytelevel", "metaspace") or target == src_kind:
+        raise ValueError(f"target={target!r}: must be 'bytelevel' or 'metaspace' and differ from the source's "
+                         f"{src_kind!r}")
+    g = ctx.generator("vocabulary")
+    ordinary = torch.arange(k, v)
+    kept = ordinary[torch.randperm(v - k, generator=g)[n_drop:]].tolist()
+    slots = kept + [-1] * n_add                                   # -1: a new token
+    order = [slots[i] for i in torch.randperm(len(slots), generator=g).tolist()]
+    words = tokenizers_.words(n_add, start=v)                    # ranks beyond the vocabulary: unseen pieces
+    from hf_provenance.alignment import tokens as tok_norm
+
+    new_tokens = [tok_norm.spell(w.encode(), True, target) for w in words]
+    return {"source_kind": src_kind, "target_kind": target, "n_special": k,
+            "order": list(range(k)) + order,                      # new id -> old id, -1 for a new token
+            "dropped": sorted(set(range(k, v)) - set(kept)), "new_tokens": new_tokens,
+            "old_vocab_size": v, "new_vocab_size": k + len(order)}
+
+
+def _prune_vocab_prepare(ctx: Context) -> dict[str, Any]:
+    k, v = _ordinary_ids(ctx)
+    n_drop = ctx.params["n_drop"]
+    n_drop = (v - k) // 8 if n_drop is None else int(n_drop)
+    if not 1 <= n_drop < v - k:
+        raise ValueError(f"n_drop={n_drop}: need 1 <= n_drop < {v - k} ordinary tokens")
+    g = ctx.generator("vocabulary")
+    dropped = sorted((torch.randperm(v - k, generator=g)[:n_drop] + k).tolist())
+    gone = set(dropped)
+    order = [i for i in range(v) if i not in gone]
+    return {"n_special": k, "order": order, "dropped": dropped, "old_vocab_size": v, "new_vocab_size": len(order)}
+
+
+def _vocab_rows(key: str, t: torch.Tensor, ctx: Context) -> list[tuple[str, torch.Tensor]]:
+    """Rows of vocabulary tensors in the plan's new id order; new tokens get mean + noise rows."""
+    if key not in VOCAB_TENSORS:
+        return [(key, t)]
+    old_v = ctx.plan["old_vocab_size"]
+    if t.shape[0] != old_v:
+        raise ValueError(f"{key}: {t.shape[0]} rows, expected vocab_size={old_v} from config.json")
+    order = torch.tensor(ctx.plan["order"])
+    new = order < 0
+    out = t[order.clamp_min(0)].clone()
+    if bool(new.any()):
+        x = t.float()
+        noise = torch.randn((int(new.sum()), *t.shape[1:]), generator=ctx.generator(key))
+        out[new] = (x.mean(dim=0, keepdim=True) + noise * (ctx.params["noise"] * float(x.std()))).to(t.dtype)
+    return [(key, out)]
+
+
+def _vocab_config(config: dict[str, Any], ctx: Context) -> dict[str, Any]:
+    config["vocab_size"] = ctx.plan["new_vocab_size"]
+    return config
+
+
+def _tokenizer_parts(kind: str) -> dict[str, Any]:
+    """tokenizer.json components (pre_tokenizer, decoder) a tokenizers WordLevel model of ``kind`` writes."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+    tok = Tokenizer(models.WordLevel({"x": 0}, unk_token="x"))
+    if kind == "bytelevel":
+        tok.pre_tokenizer, tok.decoder = pre_tokenizers.ByteLevel(add_prefix_space=False), decoders.ByteLevel()
+    else:
+        tok.pre_tokenizer, tok.decoder = pre_tokenizers.Metaspace(), decoders.Metaspace()
+    doc = json.loads(tok.to_str())
+    return {"pre_tokenizer": doc["pre_tokenizer"], "decoder": doc["decoder"]}
+
+
+def _rewrite_vocab_files(folder: Path, ctx: Context, respell) -> tuple[dict[str, Any], list[str]]:
+    """tokenizer.json (and vocab.txt) in the plan's new id order, each kept token passed through ``respell``."""
+    path = folder / "tokenizer.json"
+    doc = json.loads(path.read_text(encoding="utf-8"))
+    old = {i: t for t, i in doc["model"]["vocab"].items()}
+    k, new_tokens = ctx.plan["n_special"], iter(ctx.plan.get("new_tokens", []))
+    tokens = [next(new_tokens) if i < 0 else old[i] if i < k else respell(old[i]) for i in ctx.plan["order"]]
+    if len(set(tokens)) != len(tokens):
+        raise ValueError(f"{path}: re-spelled vocabulary has duplicate strings")
+    doc["model"]["vocab"] = {t: i for i, t in enumerate(tokens)}
+    for added in doc.get("added_tokens") or []:  # specials lead the vocabulary and keep their ids
+        if added["id"] >= k:
+            raise ValueError(f"{path}: added token {added['content']!r} at id {added['id']} is not a leading special")
+    return doc, tokens
+
+
+def _other_files(folder: Path, ctx: Context) -> None:
+    from hf_provenance.alignment import tokens as tok_norm
+
+    src, target = ctx.plan["source_kind"], ctx.plan["target_kind"]
+    doc, tokens = _rewrite_vocab_files(folder, ctx, lambda t: tok_norm.spell(*tok_norm.normalise(t, src), target))
+    unk = doc["model"].get("unk_token")
+    doc["model"] = {"type": "WordLevel", "vocab": doc["model"]["vocab"], "unk_token": unk}
+    doc["normalizer"] = None
+    doc.update(_tokenizer_parts(target))
+    (folder / "tokenizer.json").write_text(json.dumps(doc, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    (folder / "vocab.txt").unlink(missing_ok=True)  # WordPiece's file no longer describes the vocabulary
+    cfg_path = folder / "tokenizer_config.json"
+    if cfg_path.exists():
+        cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
+        cfg["tokenizer_class"] = "PreTrainedTokenizerFast"
+        cfg.pop("do_lower_case", None)
+        cfg_path.write_text(json.dumps(cfg, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+
+
+def _prune_vocab_files(folder: Path, ctx: Context) -> None:
+    doc, tokens = _rewrite_vocab_files(folder, ctx, lambda t: t)
+    (folder / "tokenizer.json").write_text(json.dumps(doc, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    txt = folder / "vocab.txt"
+    if txt.exists():
+        txt.write_text("".join(t + "\n" for t in tokens), encoding="utf-8")
+
+
+# ---- hidden-axis transforms: units, heads, experts (function-preserving) --------------------------------------
+
+# MLP tensors with a hidden-unit axis, as (pattern, kind, role). kind names the unit group (one per layer, expert or
+# shared expert); role: gate/up have one row (bias element) per unit, down one column per unit.
+UNIT_TENSORS: tuple[tuple[re.Pattern, str, str], ...] = tuple((re.compile(p), kind, role) for p, kind, role in (
+    # Llama, Qwen, Mistral, DeepSeek dense layers
+    (r"^model\.layers\.(?P<layer>\d+)\.mlp\.gate_proj\.(?:weight|bias)$", "mlp", "gate"),
+    (r"^model\.layers\.(?P<layer>\d+)\.mlp\.up_proj\.(?:weight|bias)$", "mlp", "up"),
+    (r"^model\.layers\.(?P<layer>\d+)\.mlp\.down_proj\.weight$", "mlp", "down"),
+    # routed experts, per-expert names (Qwen-MoE, DeepSeek)
+    (r"^model\.layers\.(?P<layer>\d+)\.mlp\.experts\.(?P<expert>\d+)\.gate_proj\.weight$", "expert", "gate"),
+    (r"^model\.layers\.(?P<layer>\d+)\.mlp\.experts\.(?P<expert>\d+)\.up_proj\.weight$", "expert", "up"),
+    (r"^model\.layers\.(?P<layer>\d+)\.mlp\.experts\.(?P<expert>\d+)\.down_proj\.weight$", "expert", "down"),
+    # Mixtral: w1 = gate, w3 = up, w2 = down
+    (r"^model\.layers\.(?P<layer>\d+)\.block_sparse_moe\.experts\.(?P<expert>\d+)\.w1\.weight$", "expert", "gate"),
+    (r"^model\.layers\.(?P<layer>\d+)\.block_sparse_moe\.experts\.(?P<expert>\d+)\.w3\.weight$", "expert", "up"),
+    (r"^model\.layers\.(?P<layer>\d+)\.block_sparse_moe\.experts\.(?P<expert>\d+)\.w2\.weight$", "expert", "down"),
+    # DeepSeek shared experts (n_shared_experts concatenated along the unit axis)
+    (r"^model\.layers\.(?P<layer>\d+)\.mlp\.shared_experts\.gate_proj\.weight$", "shared", "gate"),
+    (r"^model\.layers\.(?P<layer>\d+)\.mlp\.shared_experts\.up_proj\.weight$", "shared", "up"),
+    (r"^model\.layers\.(?P<layer>\d+)\.mlp\.shared_experts\.down_proj\.weight$", "shared", "down"),
+    # BERT: intermediate (GELU, no gate) and output
+    (r"^bert\.encoder\.layer\.(?P<layer>\d+)\.intermediate\.dense\.(?:weight|bias)$", "mlp", "up"),
+    (r"^bert\.encoder\.layer\.(?P<layer>\d+)\.output\.dense\.weight$", "mlp", "down"),
+))
+# Attention tensors with a head axis, as (pattern, role). q/q_b/kv_b/o follow the query-head map, k/v the KV-group
+# map (grouped-query attention: a query head moves only with its KV group).
+HEAD_TENSORS: tuple[tuple[re.Pattern, str], ...] = tuple((re.compile(p), role) for p, role in (
+    (r"^model\.layers\.(?P<layer>\d+)\.self_attn\.q_proj\.(?:weight|bias)$", "q"),
+    (r"^model\.layers\.(?P<layer>\d+)\.self_attn\.k_proj\.(?:weight|bias)$", "k"),
+    (r"^model\.layers\.(?P<layer>\d+)\.self_attn\.v_proj\.(?:weight|bias)$", "v"),
+    (r"^model\.layers\.(?P<layer>\d+)\.self_attn\.o_proj\.weight$", "o"),
+    (r"^model\.layers\.(?P<layer>\d+)\.self_attn\.q_b_proj\.weight$", "q_b"),     # MLA
+    (r"^model\.layers\.(?P<layer>\d+)\.self_attn\.kv_b_proj\.weight$", "kv_b"),   # MLA
+    (r"^bert\.encoder\.layer\.(?P<layer>\d+)\.attention\.self\.query\.(?:weight|bias)$", "q"),
+    (r"^bert\.encoder\.layer\.(?P<layer>\d+)\.attention\.self\.key\.(?:weight|bias)$", "k"),
+    (r"^bert\.encoder\.layer\.(?P<layer>\d+)\.attention\.self\.value\.(?:weight|bias)$", "v"),
+    (r"^bert\.encoder\.layer\.(?P<layer>\d+)\.attention\.output\.dense\.weight$", "o"),
+))
+# Routed experts: per-expert names (renamed), routers and router biases (one row/element per expert), stacked
+# expert tensors ([E, ...]).
+EXPERT_NAME = re.compile(r"^(?P<head>model\.layers\.(?P<layer>\d+)\.(?:mlp|block_sparse_moe)\.experts\.)"
+                         r"(?P<expert>\d+)(?P<tail>\..+)$")
+ROUTER_TENSORS = re.compile(r"^model\.layers\.(?P<layer>\d+)\.(?:mlp|block_sparse_moe)\.gate\."
+                            r"(?:weight|e_score_correction_bias)$")
+STACKED_EXPERTS = re.compile(r"^model\.layers\.(?P<layer>\d+)\.(?:mlp|block_sparse_moe)\.experts\."
+                             r"(?:gate_up_proj|down_proj)(?:_bias)?$")
+# Families whose MLP is gated: up×c, down÷c preserves the function only where up enters linearly.
+GATED_MODEL_TYPES = frozenset({"llama", "mistral", "mixtral", "qwen2", "qwen3", "qwen3_moe", "qwen2_moe",
+                               "deepseek_v2", "deepseek_v3"})
+
+
+def _draw_perm(ctx: Context, name: str, n: int) -> torch.Tensor:
+    """perm[new] = old for group ``name``: drawn once, recorded in the plan (``perms``) as ground truth."""
+    perms = ctx.plan.setdefault("perms", {})
+    if name not in perms:
+        perms[name] = torch.randperm(n, generator=ctx.generator(name)).tolist()
+    if len(perms[name]) != n:
+        raise ValueError(f"{name}: tensors disagree on the group size ({len(perms[name])} vs {n})")
+    return torch.tensor(perms[name])
+
+
+def _head_layout(config: dict[str, Any]) -> dict[str, Any]:
+    n_heads = int(config["num_attention_heads"])
+    if config.get("kv_lora_rank"):  # MLA: every query head has its own k/v rows in kv_b
+        nope, rope, v = (int(config[f]) for f in ("qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim"))
+        return {"heads": n_heads, "kv": n_heads, "block": {"q_b": nope + rope, "kv_b": nope + v, "o": v}}
+    hd = int(config.get("head_dim") or int(config["hidden_size"]) // n_heads)
+    n_kv = int(config.get("num_key_value_heads") or n_heads)
+    return {"heads": n_heads, "kv": n_kv, "block": {"q": hd, "k": hd, "v": hd, "o": hd}}
+
+
+def _head_perms(ctx: Context, layer: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(query-head map, KV-group map), perm[new] = old: groups permuted, heads permuted within their group."""
+    lay = _head_layout(ctx.config)
+    n, g = lay["heads"], lay["kv"]
+    name = f"layer{layer}.heads"
+    perms = ctx.plan.setdefault("perms", {})
+    if name not in perms:
+        gen = ctx.generator(name)
+        groups = torch.randperm(g, generator=gen)
+        r = n // g
+        heads = torch.cat([groups[j] * r + torch.randperm(r, generator=gen) for j in range(g)])
+        perms[name] = heads.tolist()
+        perms[f"layer{layer}.kv_groups"] = groups.tolist()
+    return torch.tensor(perms[name]), torch.tensor(perms[f"layer{layer}.kv_groups"])
+
+
+def _blocks(perm: torch.Tensor, block: int) -> torch.Tensor:
+    return (perm[:, None] * block + torch.arange(block)[None, :]).reshape(-1)
+
+
+def _unit_group(match: re.Match, kind: str) -> str:
+    expert = match.groupdict().get("expert")
+    return f"layer{match.group('layer')}.{kind}" + (f".expert{expert}" if expert is not None else "")
+
+
+def _with_noise(key: str, t: torch.Tensor, ctx: Context) -> torch.Tensor:
+    scale = float(ctx.params.get("noise") or 0.0)
+    if scale <= 0 or not t.is_floating_point() or t.numel() < 2:
+        return t
+    x = t.float()
+    return (x + torch.randn(x.shape, generator=ctx.generator(key)) * (scale * float(x.std()))).to(t.dtype)
+
+
+def _permute_units(key: str, t: torch.Tensor, ctx: Context) -> list[tuple[str, torch.Tensor]]:
+    out = t
+    if ctx.params["units"]:
+        for pattern, kind, role in UNIT_TENSORS:
+            m = pattern.match(key)
+            if m:
+                dim = 1 if role == "down" else 0
+                out = out.index_select(dim, _draw_perm(ctx, _unit_group(m, kind), t.shape[dim]))
+                break
+    if ctx.params["heads"]:
+        for pattern, role in HEAD_TENSORS:
+            m = pattern.match(key)
+            if m:
+                heads, groups = _head_perms(ctx, m.group("layer"))
+                block = _head_layout(ctx.config)["block"][role]
+                rows = _blocks(groups if role in ("k", "v") else heads, block)
+                out = out.index_select(1 if role == "o" else 0, rows)
+                break
+    return [(key, _with_noise(key, out.contiguous(), ctx))]
+
+
+def _rescale_prepare(ctx: Context) -> dict[str, Any]:
+    mt = str(ctx.config.get("model_type", ""))
+    if mt not in GATED_MODEL_TYPES:
+        raise ValueError(f"rescale_units: model_type {mt!r} has no gated MLP (up×c, down÷c would change the "
+                         f"function); gated families: {sorted(GATED_MODEL_TYPES)}")
+    if not float(ctx.params["spread"]) > 0:
+        raise ValueError(f"rescale_units: spread={ctx.params['spread']!r} must be > 0")
+    return {}
+
+
+def _rescale_units(key: str, t: torch.Tensor, ctx: Context) -> list[tuple[str, torch.Tensor]]:
+    out = t
+    for pattern, kind, role in UNIT_TENSORS:
+        m = pattern.match(key)
+        if m and role in ("up", "down"):
+            dim = 1 if role == "down" else 0
+            name = _unit_group(m, kind) + ".scales"
+            u = torch.rand(t.shape[dim], generator=ctx.generator(name), dtype=torch.float64)
+            c = torch.exp((u * 2 - 1) * float(ctx.params["spread"])).float()
+            x = t.float()
+            if role == "down":
+                x = x / c[None, :]
+            else:
+                x = x * (c[:, None] if x.ndim == 2 else c)
+            out = x.to(t.dtype)
+            break
+    return [(key, _with_noise(key, out.contiguous(), ctx))]
+
+
+def _n_experts(config: dict[str, Any]) -> int:
+    for name in ("n_routed_experts", "num_experts", "num_local_experts"):
+        if isinstance(config.get(name), int):
+            return int(config[name])
+    raise ValueError("shuffle_experts: config.json has no n_routed_experts / num_experts / num_local_experts")
+
+
+def _expert_perm(ctx: Context, layer: str) -> torch.Tensor:
+    """perm[new] = old within each routing group (DeepSeek's n_group: group-limited routing stays intact)."""
+    name = f"layer{layer}.experts"
+    perms = ctx.plan.setdefault("perms", {})
+    if name not in perms:
+        n = _n_experts(ctx.config)
+        groups = int(ctx.config.get("n_group") or 1)
+        size = n // groups
+        gen = ctx.generator(name)
+        perms[name] = torch.cat([g * size + torch.randperm(size, generator=gen) for g in range(groups)]).tolist()
+    return torch.tensor(perms[name])
+
+
+def _shuffle_experts(key: str, t: torch.Tensor, ctx: Context) -> list[tuple[str, torch.Tensor]]:
+    m = EXPERT_NAME.match(key)
+    if m:
+        perm = _expert_perm(ctx, m.group("layer"))
+        new = int(torch.nonzero(perm == int(m.group("expert")))[0, 0])
+        key = f"{m.group('head')}{new}{m.group('tail')}"
+        return [(key, _with_noise(key, t, ctx))]
+    m = ROUTER_TENSORS.match(key) or STACKED_EXPERTS.match(key)
+    if m:
+        t = t.index_select(0, _expert_perm(ctx, m.group("layer"))).contiguous()
+    return [(key, _with_noise(key, t, ctx))]
+
+
+def _shuffle_prepare(ctx: Context) -> dict[str, Any]:
+    _n_experts(ctx.config)
+    return {}
+
+
+DENSE_MLP = re.compile(r"^model\.layers\.(?P<layer>\d+)\.mlp\.(?P<proj>gate_proj|up_proj|down_proj)\.weight$")
+MIXTRAL_PROJ = {"gate_proj": "w1", "up_proj": "w3", "down_proj": "w2"}
+LLAMA_ONLY_FIELDS = ("mlp_bias", "pretraining_tp", "attention_bias")  # Llama config fields Mixtral's lacks
+
+
+def _upcycle_prepare(ctx: Context) -> dict[str, Any]:
+    mt = ctx.config.get("model_type")
+    if mt not in ("llama", "mistral"):
+        raise ValueError(f"upcycle: source model_type {mt!r} is not a dense llama/mistral checkpoint")
+    e, k = int(ctx.params["experts"]), int(ctx.params["top_k"])
+    if not 1 <= k <= e:
+        raise ValueError(f"upcycle: need 1 <= top_k <= experts, got top_k={k}, experts={e}")
+    return {"experts": e, "top_k": k, "mode": "copy"}
+
+
+def _upcycle(key: str, t: torch.Tensor, ctx: Context) -> list[tuple[str, torch.Tensor]]:
+    m = DENSE_MLP.match(key)
+    if m is None:
+        return [(key, t)]
+    layer, proj = m.group("layer"), m.group("proj")
+    prefix = f"model.layers.{layer}.block_sparse_moe."
+    out = []
+    for e in range(ctx.plan["experts"]):
+        name = f"{prefix}experts.{e}.{MIXTRAL_PROJ[proj]}.weight"
+        out.append((name, _with_noise(name, t.clone(), ctx)))
+    if proj == "gate_proj":
+        router = torch.randn((ctx.plan["experts"], t.shape[1]), generator=ctx.generator(f"{prefix}gate"))
+        out.append((f"{prefix}gate.weight", (router * float(ctx.params["router_std"])).to(t.dtype)))
+    return out
+
+
+def _upcycle_config(config: dict[str, Any], ctx: Context) -> dict[str, Any]:
+    for name in LLAMA_ONLY_FIELDS:
+        config.pop(name, None)
+    config.update({"model_type": "mixtral", "architectures": ["MixtralForCausalLM"],
+                   "num_local_experts": ctx.plan["experts"], "num_experts_per_tok": ctx.plan["top_k"],
+                   "router_aux_loss_coef": 0.001, "router_jitter_noise": 0.0, "output_router_logits": False,
+                   "sliding_window": None})
+    return config
+
+
 TRANSFORMS: dict[str, Transform] = {t.name: t for t in [
     Transform("copy", "Bit-identical tensors, resharded into `shards` files with an index.",
               {"shards": 2}, {"verdict": "identical", "relation": ["copy"], "direction_evident": False},
@@ -219,6 +638,44 @@ TRANSFORMS: dict[str, Transform] = {t.name: t for t in [
               {"n_new": 32, "noise": 0.1},
               {"verdict": "derived", "relation": ["vocab-extended"], "direction_evident": True},
               "finetune", _extend, prepare=_extend_prepare, config=_extend_config, files=_extend_files),
+    Transform("upscaled", "SOLAR-style depth up-scaling: layers 0..n-m-1 then m..n-1 of the base (default "
+              "m = n//4), renumbered 0..2(n-m)-1, repeated layers bit-identical; config follows.",
+              {"m": None}, {"verdict": "derived", "relation": ["upscaled"], "direction_evident": True},
+              "finetune", _upscale, prepare=_upscale_prepare, config=_upscale_config),
+    Transform("other_tokenizer", "Same weights, vocabulary re-spelled in another tokenizer family (`target`: "
+              "metaspace <-> bytelevel, wordpiece -> bytelevel; special tokens keep their strings and ids), ordinary "
+              "ids permuted, `n_drop` tokens dropped and `n_add` new ones added (mean row + `noise` x std).",
+              {"target": None, "n_drop": 8, "n_add": 16, "noise": 0.1},
+              # relation depends on the sizes (vocab-extended when n_add > n_drop); none is required
+              {"verdict": "derived", "relation": [], "direction_evident": False},
+              "finetune", _vocab_rows, prepare=_other_prepare, config=_vocab_config, files=_other_files),
+    Transform("vocab_pruned", "`n_drop` ordinary tokens (default 1/8) dropped at random with their embedding and "
+              "head rows; the rest renumbered in order; tokenizer and config vocab_size follow.",
+              {"n_drop": None}, {"verdict": "derived", "relation": ["vocab-pruned"], "direction_evident": True},
+              "finetune", _vocab_rows, prepare=_prune_vocab_prepare, config=_vocab_config, files=_prune_vocab_files),
+    Transform("permute_units", "MLP hidden units (dense, shared and routed experts) and attention heads permuted "
+              "in every layer; heads move with their KV group (GQA), MLA heads with their q_b/kv_b rows; "
+              "function-preserving; then Gaussian `noise` x each tensor's std (0: none). Ground truth "
+              "(perm[new] = old) in the plan's `perms`.",
+              {"noise": 0.0, "units": True, "heads": True},
+              {"verdict": "derived", "relation": ["permuted"], "direction_evident": False},
+              "finetune", _permute_units),
+    Transform("rescale_units", "Every gated MLP unit rescaled: up row x c, down column / c, c = exp(U(-spread, "
+              "spread)) per unit (dense, shared and routed experts); function-preserving; then `noise`.",
+              {"spread": 1.0, "noise": 0.0},
+              {"verdict": "derived", "relation": ["finetune"], "direction_evident": False},
+              "finetune", _rescale_units, prepare=_rescale_prepare),
+    Transform("shuffle_experts", "Routed experts permuted within each MoE layer (within routing groups), router "
+              "rows and router bias permuted the same way; function-preserving; then `noise`.",
+              {"noise": 0.0},
+              {"verdict": "derived", "relation": ["permuted"], "direction_evident": False},
+              "finetune", _shuffle_experts, prepare=_shuffle_prepare),
+    Transform("upcycle", "Dense Llama -> Mixtral: every expert a copy of the layer's dense MLP (plus `noise` x "
+              "std per expert), a random router (`router_std`); `experts` experts, `top_k` per token; with "
+              "noise 0 the function is unchanged (Mixtral's top-k weights sum to one).",
+              {"experts": 4, "top_k": 2, "noise": 0.0, "router_std": 0.02},
+              {"verdict": "derived", "relation": ["upcycled"], "direction_evident": True},
+              "finetune", _upcycle, prepare=_upcycle_prepare, config=_upcycle_config),
 ]}
 
 
