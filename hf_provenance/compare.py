@@ -15,7 +15,9 @@ import numpy as np
 
 from hf_provenance import __version__
 from hf_provenance.alignment.identity import identity_plan
+from hf_provenance.alignment.experts import expert_plan
 from hf_provenance.alignment.layers import layer_plan
+from hf_provenance.alignment.units import unit_plan
 from hf_provenance.alignment.layouts import layout_for
 from hf_provenance.alignment.residual import apply_residual, embedding_pair, fit_residual, residual_axis_params
 from hf_provenance.errors import UsageError
@@ -166,18 +168,44 @@ def compare_one(model, base, *, sample: float | None, seed: int, device: str, pr
     lines += layer_lines
     verdict = decide(tensors, components, th, aligned_params=0, **kwargs)
     summary = dict(plan.summary)
-    if verdict.verdict in ("independent", "inconclusive"):
-        new_plan, fit, covered = _residual_search(plan, base, model, facts, seed=seed, sample=sample,
-                                                  lines=lines, layered=found is not None)
-        extra = []
-        if new_plan is not None:
-            tensors, components, layers = _evaluate(new_plan, base, model, sample=sample, seed=seed,
-                                                    device=device, progress=progress, th=th)
-            summary = dict(new_plan.summary)
-            extra = ["permuted"]
+    upcycling = _is_moe(model) and not _is_moe(base)
+    total_params = sum(g.params for g in components.values()) or 1
+    # a derived verdict with a large component showing nothing: units, heads or experts may be permuted there
+    weak = verdict.verdict == "derived" and any(
+        g.r_mean is not None and abs(g.r_mean) < th.r_derived and g.params > 0.1 * total_params
+        for g in components.values())
+    settled = verdict.verdict in ("derived", "identical") and not weak
+    if not settled or upcycling:
+        new_plan, fit, covered = ((None, None, 0) if settled else
+                                  _residual_search(plan, base, model, facts, seed=seed, sample=sample,
+                                                   lines=lines, layered=found is not None))
+        extra = ["permuted"] if new_plan is not None else []
+        work = new_plan if new_plan is not None else plan
+        searched, applied = 0, False
+        steps = (expert_plan,) if settled else (expert_plan, unit_plan)
+        for step in steps:  # experts first: unit maps inside experts assume the expert pairing
+            out = step(base, model, work, seed=seed, sample=sample)
+            if out is None:
+                continue
+            work, part_summary, part_lines = out
+            lines += part_lines
+            summary.update(part_summary)
+            for part in part_summary.values():
+                if isinstance(part, dict):
+                    searched += int(part.get("searched_params") or 0)
+                    applied |= bool(part.get("applied"))
+                    if part.get("upcycled_layers"):
+                        extra.append("upcycled")
+        if applied and "upcycled" not in extra:
+            extra.append("permuted")
+        if new_plan is not None or applied:
+            tensors, components, layers = _evaluate(work, base, model, sample=sample, seed=seed, device=device,
+                                                    progress=progress, th=th)
+            summary = {**dict(work.summary), **{k: v for k, v in summary.items() if k not in work.summary}}
         elif fit is not None:
             summary["residual"] = fit.to_dict()
-        verdict = decide(tensors, components, th, aligned_params=covered, extra_relations=extra, **kwargs)
+        verdict = decide(tensors, components, th, aligned_params=max(covered, searched),
+                         extra_relations=list(dict.fromkeys(extra)), **kwargs)
     else:
         lines.append("permutation search: not needed (the identity plan already shows shared lineage)")
     overall = aggregate.group("overall", [t for t in tensors if t.evidence], th)
@@ -203,6 +231,14 @@ def compare_one(model, base, *, sample: float | None, seed: int, device: str, pr
         tensors=tuple(tensors), alignment=alignment, architecture=_arch(base, model), io=io,
         declared=_declared(model, base, verdict), rule_of_thumb=folk.rule_of_thumb(mean_layer_cos, emb_cos),
         unmatched=tuple(u.to_dict() for u in plan.unmatched))
+
+
+def _is_moe(src) -> bool:
+    cfg = src.config or {}
+    text = cfg.get("text_config") if isinstance(cfg.get("text_config"), dict) else {}
+    merged = {**text, **cfg}
+    return any(isinstance(merged.get(k), int) and merged.get(k) > 1
+               for k in ("num_local_experts", "num_experts", "n_routed_experts", "moe_num_experts"))
 
 
 def _layer_reading(g, n_layers: int) -> dict:

@@ -191,3 +191,15 @@ def test_sampled_compare_matches_full_and_reads_a_tenth(medium_family):
         sampled = [t for t in part["tensors"] if t["fraction_read"] < 1.0]
         assert sampled and all(0.05 < t["fraction_read"] < 0.15 for t in sampled)
         assert all(t["max_abs_diff_is_lower_bound"] for t in sampled)
+
+
+@pytest.mark.parametrize("family, variant, relation", [
+    ("llama", "permute_units", "permuted"), ("bert", "permute_units", "permuted"),
+    ("deepseek_v3", "permute_units", "permuted"), ("qwen3_moe", "shuffle_experts", "permuted"),
+    ("llama", "upcycle", "upcycled"),
+])
+def test_function_preserving_permutations_and_upcycling_through_compare(make, family, variant, relation):
+    """compare() runs the unit/head/expert searches itself: permuted copies are derived, never independent."""
+    c = verdict_of(make(family, variant), make(family))
+    assert c["verdict"] == "derived" and relation in c["relation"], c["reasons"]
+    assert any(k in c["alignment"] for k in ("units", "experts"))
