@@ -413,11 +413,8 @@ def test_compare_never_returns_a_partial_result(hub):
 
 
 def _cli_main():
-    try:
-        from hf_provenance.cli import commands  # noqa: F401
-        from hf_provenance.cli.main import main
-    except ImportError:
-        pytest.skip("the CLI commands are not there yet")
+    from hf_provenance.cli.main import main
+
     return main
 
 
@@ -623,3 +620,26 @@ def test_no_declared_base_is_a_usage_error(hub):
 
     with pytest.raises(UsageError, match="declares no base_model"):
         compare("org/ft")
+
+
+def test_cli_arch_transfers_no_weight_bytes(hub, models, capsys):
+    main = _cli_main()
+    assert main(["arch", "org/ft", "org/base"]) == 0
+    assert "org/ft" in capsys.readouterr().out
+    headers = 8 + _header_len(models["big"] / "model.safetensors")
+    assert _weights_served(hub) == 2 * headers  # the two headers, no tensor bytes
+
+
+def test_contradicted_declaration_is_reported_plainly(hub, models, tmp_path):
+    """A card declaring a base its weights do not come from: the report says so in words."""
+    from hf_provenance.compare import compare
+    from hf_provenance.factory.build import build_random
+
+    liar = build_random("llama", tmp_path / "liar", hidden=128, layers=1, intermediate=128, vocab=32768,
+                        dtype="float32", heads=2, kv_heads=2, seed=9)
+    _card(liar, "org/base")
+    hub.add_repo("org/liar", liar)
+    report = compare("org/liar")
+    c = report.comparisons[0]
+    assert c.base.ref == "org/base" and c.verdict.verdict == "independent"
+    assert c.declared["message"] == "the card declares org/base as base_model, but the weights show no shared lineage"
