@@ -258,3 +258,21 @@ def test_deepseek_v3_meta_instantiation_stays_under_1_gib():
     result = json.loads(out.stdout.strip().splitlines()[-1])
     assert result["n"] == 671_026_404_352
     assert result["hwm_kb"] < 1024 * 1024 and result["maxrss_kb"] < 1024 * 1024, result
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen3_moe", "deepseek_v3", "bert"])
+def test_transformers_equivalent_matches_transformers_for_factory_families(make, family):
+    """The factory's real checkpoints: our count from config.json equals transformers' own num_parameters()."""
+    import json
+
+    from transformers import AutoModelForCausalLM, AutoModelForMaskedLM
+
+    from hf_provenance.architecture import count_params, normalise
+    from hf_provenance.sources import open_model
+
+    folder = make(family)
+    cfg = json.load(open(f"{folder}/config.json"))
+    auto = AutoModelForMaskedLM if family == "bert" else AutoModelForCausalLM
+    expected = auto.from_pretrained(folder).num_parameters()
+    counts = count_params(normalise(cfg), inventory=open_model(folder).inventory)
+    assert counts.transformers_equivalent == expected
