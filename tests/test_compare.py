@@ -12,6 +12,7 @@ from safetensors.torch import load_file, save_file
 
 from hf_provenance.compare import compare
 from hf_provenance.statistics.thresholds import load as load_thresholds
+from tests.helpers import permute_residual
 
 FAMILIES = ["llama", "bert", "qwen3_moe", "deepseek_v3"]
 
@@ -70,30 +71,10 @@ def test_different_families_never_derived(make):
     assert c["verdict"] in ("inconclusive", "independent")
 
 
-def _permute_residual(src: str, dst: str, seed: int = 3) -> None:
-    shutil.copytree(src, dst)
-    sd = load_file(f"{src}/model.safetensors")
-    h = sd["model.embed_tokens.weight"].shape[1]
-    g = torch.Generator().manual_seed(seed)
-    perm = torch.randperm(h, generator=g)
-    sign = torch.where(torch.rand(h, generator=g) < 0.5, -1.0, 1.0)
-    reads = ("embed_tokens", "q_proj", "k_proj", "v_proj", "gate_proj", "up_proj", "lm_head")
-    out = {}
-    for k, v in sd.items():
-        if v.ndim == 2 and v.shape[1] == h and any(x in k for x in reads):
-            v = (v * sign)[:, perm]
-        elif v.ndim == 2 and v.shape[0] == h and ("o_proj" in k or "down_proj" in k):
-            v = (v * sign[:, None])[perm]
-        elif v.ndim == 1 and v.shape[0] == h:
-            v = v[perm]
-        out[k] = v.contiguous()
-    save_file(out, f"{dst}/model.safetensors")
-
-
 def test_residual_permuted_copy_is_derived_and_map_recovered(make, tmp_path):
     base = make("llama")
     dst = str(tmp_path / "perm")
-    _permute_residual(base, dst)
+    permute_residual(base, dst)
     c = verdict_of(dst, base)
     assert c["verdict"] == "derived" and "permuted" in c["relation"]
     res = c["alignment"]["residual"]

@@ -16,6 +16,7 @@ from hf_provenance.alignment import layers as L
 from hf_provenance.alignment.identity import identity_plan
 from hf_provenance.alignment.layers import align_layers, fit_map, layer_plan
 from hf_provenance.sources import open_model
+from tests.helpers import permute_residual
 
 
 def truth_map(folder: str) -> list[int]:
@@ -273,26 +274,6 @@ def test_sketches_read_a_small_fraction(random_family, variant, truth):
     assert sum(small["sketch"]["bytes_read"].values()) < sum(summary["sketch"]["bytes_read"].values())
 
 
-def _permute_residual(src: str, dst: str, seed: int = 3) -> None:
-    shutil.copytree(src, dst)
-    sd = load_file(f"{src}/model.safetensors")
-    h = sd["model.embed_tokens.weight"].shape[1]
-    g = torch.Generator().manual_seed(seed)
-    perm = torch.randperm(h, generator=g)
-    sign = torch.where(torch.rand(h, generator=g) < 0.5, -1.0, 1.0)
-    reads = ("embed_tokens", "q_proj", "k_proj", "v_proj", "gate_proj", "up_proj", "lm_head")
-    out = {}
-    for k, v in sd.items():
-        if v.ndim == 2 and v.shape[1] == h and any(x in k for x in reads):
-            v = (v * sign)[:, perm]
-        elif v.ndim == 2 and v.shape[0] == h and ("o_proj" in k or "down_proj" in k):
-            v = (v * sign[:, None])[perm]
-        elif v.ndim == 1 and v.shape[0] == h:
-            v = v[perm]
-        out[k] = v.contiguous()
-    save_file(out, f"{dst}/model.safetensors")
-
-
 def test_residual_permuted_and_pruned_needs_the_residual_fit_first(make, tmp_path):
     from hf_provenance.alignment.residual import apply_residual, embedding_pair, fit_residual
     from hf_provenance.measurement.stream import measure_plan
@@ -300,7 +281,7 @@ def test_residual_permuted_and_pruned_needs_the_residual_fit_first(make, tmp_pat
 
     base_dir = make("llama")
     dst = str(tmp_path / "perm")
-    _permute_residual(make("llama", "pruned"), dst)
+    permute_residual(make("llama", "pruned"), dst)
     base, model = open_model(base_dir), open_model(dst)
     plan, facts = identity_plan(base, model)
     assert layer_plan(base, model, plan, facts) is None  # permuted residual: every sketch at null level
@@ -338,7 +319,7 @@ def test_apply_residual_after_layer_plan_leaves_layer_pairs_unchanged(make, tmp_
     from hf_provenance.alignment.residual import apply_residual, embedding_pair, fit_residual
 
     dst = str(tmp_path / "perm")
-    _permute_residual(make("llama", "upscaled"), dst)
+    permute_residual(make("llama", "upscaled"), dst)
     base, model = open_model(make("llama")), open_model(dst)
     plan, facts = identity_plan(base, model)
     fit = fit_residual(embedding_pair(plan), base, model, signs=True)

@@ -23,6 +23,7 @@ from hf_provenance.statistics import aggregate
 from hf_provenance.statistics.tensor import summarize
 from hf_provenance.statistics.thresholds import load as load_thresholds
 from hf_provenance.verdict import decide
+from tests.helpers import permute_residual
 
 TH = load_thresholds()
 
@@ -275,31 +276,11 @@ def test_rescaled_copy_is_derived(make):
     assert verdict.verdict == "derived"
 
 
-def _permute_residual(src: Path, dst: Path, seed: int = 3) -> None:
-    shutil.copytree(src, dst)
-    sd = load_file(f"{src}/model.safetensors")
-    h = sd["model.embed_tokens.weight"].shape[1]
-    g = torch.Generator().manual_seed(seed)
-    perm = torch.randperm(h, generator=g)
-    sign = torch.where(torch.rand(h, generator=g) < 0.5, -1.0, 1.0)
-    reads = ("embed_tokens", "q_proj", "k_proj", "v_proj", "gate_proj", "up_proj", "lm_head")
-    out = {}
-    for k, v in sd.items():
-        if v.ndim == 2 and v.shape[1] == h and any(x in k for x in reads):
-            v = (v * sign)[:, perm]
-        elif v.ndim == 2 and v.shape[0] == h and ("o_proj" in k or "down_proj" in k):
-            v = (v * sign[:, None])[perm]
-        elif v.ndim == 1 and v.shape[0] == h:
-            v = v[perm]
-        out[k] = v.contiguous()
-    save_file(out, f"{dst}/model.safetensors")
-
-
 def test_units_recovered_after_the_residual_map(make, tmp_path):
     """Residual dims permuted and sign-flipped on top of units and heads: the maps compose in base index space."""
     permuted = make("llama", "permute_units", noise=0.2)
     dst = tmp_path / "both"
-    _permute_residual(Path(permuted), dst)
+    permute_residual(Path(permuted), dst)
     base, model = open_model(make("llama")), open_model(str(dst))
     plan, _ = identity_plan(base, model)
     fit = fit_residual(embedding_pair(plan), base, model, signs=True, seed=0)

@@ -22,6 +22,8 @@ from typing import Any
 
 import jinja2
 
+from hf_provenance.report.console import fmt_bytes, fmt_params
+
 PACKAGE = "hf_provenance.templates"
 CHECKOUT_DIR = Path(__file__).resolve().parents[2] / "templates"
 
@@ -131,24 +133,6 @@ def pvalue(p: float | None) -> str:
     return f"{p:.3f}"
 
 
-def params(n: int | None) -> str:
-    if n is None:
-        return "—"
-    for unit, div in (("T", 1e12), ("B", 1e9), ("M", 1e6), ("K", 1e3)):
-        if abs(n) >= div:
-            return f"{n / div:.1f}{unit}"
-    return str(n)
-
-
-def nbytes(n: int | None) -> str:
-    if n is None:
-        return "—"
-    for unit, div in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
-        if n >= div:
-            return f"{n / div:.1f} {unit}"
-    return f"{n} B"
-
-
 def val(x: Any) -> str:
     """A configuration value for a table cell: lists joined, None as a dash, booleans as yes/no."""
     if x is None:
@@ -173,7 +157,7 @@ def short(value: str | None, n: int = 16) -> str:
 
 
 FILTERS = {"md": md, "code": code, "code_cell": code_cell, "fence": fence, "num": num, "ci": ci, "pvalue": pvalue,
-           "params": params, "nbytes": nbytes, "pct": pct, "short": short, "val": val}
+           "params": fmt_params, "nbytes": fmt_bytes, "pct": pct, "short": short, "val": val}
 
 
 @functools.lru_cache(maxsize=None)
