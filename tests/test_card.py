@@ -182,9 +182,9 @@ def test_section_moe_finetune(reports, models):
 
 
 def card_params(n: int) -> str:
-    from hf_provenance.report.templates import params
+    from hf_provenance.report.console import fmt_params
 
-    return params(n)
+    return fmt_params(n)
 
 
 def test_section_two_bases_ranked(models):

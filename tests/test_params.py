@@ -257,7 +257,9 @@ def test_deepseek_v3_meta_instantiation_stays_under_1_gib():
     assert out.returncode == 0, out.stderr[-2000:]
     result = json.loads(out.stdout.strip().splitlines()[-1])
     assert result["n"] == 671_026_404_352
-    assert result["hwm_kb"] < 1024 * 1024 and result["maxrss_kb"] < 1024 * 1024, result
+    # VmHWM counts this process's pages since exec; ru_maxrss also carries the parent's RSS at fork time (a big
+    # pytest process), so it is reported but not asserted
+    assert result["hwm_kb"] < 1024 * 1024, result
 
 
 @pytest.mark.parametrize("family", ["llama", "qwen3_moe", "deepseek_v3", "bert"])
