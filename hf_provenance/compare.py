@@ -19,6 +19,7 @@ from hf_provenance.alignment.experts import expert_plan
 from hf_provenance.alignment.layers import layer_plan
 from hf_provenance.alignment.units import unit_plan
 from hf_provenance.alignment.layouts import layout_for
+from hf_provenance.alignment.merge import fit_merge, r2_note
 from hf_provenance.alignment.residual import apply_residual, embedding_pair, fit_residual, residual_axis_params
 from hf_provenance.errors import UsageError
 from hf_provenance.formats import check_adapter, unreadable_format
@@ -286,10 +287,19 @@ def compare(model_ref: str, base_refs: list[str] | None = None, *, sample: float
         if not base_refs:
             raise UsageError(model_ref, "the model card declares no base_model: pass --base BASE")
         notes.append(f"bases taken from the model card's base_model: {', '.join(base_refs)}")
-    comparisons = []
+    comparisons, opened = [], []
     for ref in base_refs:
         base = open_fn(ref)
         comparisons.append(compare_one(model, base, sample=sample, seed=seed, device=device, progress=progress))
+        opened.append(base)
+    merge = None
+    if len(opened) >= 2 and not sample:
+        fit = fit_merge(model, opened, list(base_refs))
+        if fit is not None:
+            merge = fit.to_dict()
+            notes.append(r2_note(fit))
+            if fit.is_merge:
+                comparisons = [_with_merge(c, fit) for c in comparisons]
     ranked = sorted(range(len(comparisons)), key=lambda i: _rank_key(comparisons[i]))
     from dataclasses import replace
 
@@ -299,7 +309,22 @@ def compare(model_ref: str, base_refs: list[str] | None = None, *, sample: float
            "seed": seed, "sample": sample, "device": device, "started": started,
            "seconds": time.perf_counter() - t0, "thresholds": th.to_dict()}
     return CompareReport({"name": "hf-provenance", "version": __version__}, run, _ref(model),
-                         tuple(comparisons), tuple(notes))
+                         tuple(comparisons), tuple(notes), merge=merge)
+
+
+def _with_merge(c: Comparison, fit) -> Comparison:
+    """A base with a clear weight in a linear merge: relation ``merge`` added, with the weights as the reason."""
+    from dataclasses import replace
+
+    if c.base.ref not in fit.members or c.verdict.verdict not in ("derived", "partial"):
+        return c
+    i = fit.bases.index(c.base.ref)
+    rel = tuple(r for r in c.verdict.relation if r != "finetune")
+    reason = (f"linear merge: weight {fit.weights[i]:.3f} [{fit.ci[i][0]:.3f}, {fit.ci[i][1]:.3f}] on this base, "
+              f"R² = {fit.r2:.4f} with every base vs {max(fit.r2_single):.4f} for the best one alone")
+    verdict = replace(c.verdict, relation=tuple(dict.fromkeys(rel + ("merge",))),
+                      reasons=(reason,) + c.verdict.reasons[:2])
+    return replace(c, verdict=verdict)
 
 
 def _rank_key(c: Comparison):

@@ -184,3 +184,21 @@ def test_function_preserving_permutations_and_upcycling_through_compare(make, fa
     c = verdict_of(make(family, variant), make(family))
     assert c["verdict"] == "derived" and relation in c["relation"], c["reasons"]
     assert any(k in c["alignment"] for k in ("units", "experts"))
+
+
+def test_linear_merge_of_two_fine_tunes_recovers_its_weights(make, tmp_path):
+    """M = 0.3·A + 0.7·B for two fine-tunes of one base: with A and B as bases, relation merge, weights recovered."""
+    ft_a, ft_b = make("llama", "finetune", data_offset=31_000), make("llama", "finetune", data_offset=47_000)
+    shutil.copytree(ft_a, tmp_path / "merged", ignore=shutil.ignore_patterns("*.safetensors"))
+    a, b = load_file(f"{ft_a}/model.safetensors"), load_file(f"{ft_b}/model.safetensors")
+    save_file({k: (0.3 * v + 0.7 * b[k]).contiguous() for k, v in a.items()}, str(tmp_path / "merged" / "model.safetensors"))
+    d = compare(str(tmp_path / "merged"), [ft_a, ft_b]).to_dict()
+    fit = d["merge"]
+    assert fit["is_merge"] and fit["r2"] > 0.9999
+    for w, (lo, hi), truth in zip(fit["weights"], fit["ci"], (0.3, 0.7)):
+        assert lo - 1e-6 <= truth <= hi + 1e-6 and abs(w - truth) < 0.01
+    assert all("merge" in c["relation"] for c in d["comparisons"])
+    # a fine-tune against its base and an independent model is no merge
+    d = compare(ft_a, [make("llama"), make("llama", "independent")]).to_dict()
+    assert not d["merge"]["is_merge"] and d["merge"]["weights"][1] < 0.05
+    assert all("merge" not in c["relation"] for c in d["comparisons"])
