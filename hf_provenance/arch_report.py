@@ -12,7 +12,6 @@ shapes are not evidence of lineage either way.
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -20,6 +19,7 @@ from hf_provenance import __version__
 from hf_provenance.architecture import compare_specs, count_params, describe_spec, normalise
 from hf_provenance.architecture.compare import AFTER_ALIGNMENT, DIRECT, NO_COUNTERPART, ArchComparison
 from hf_provenance.errors import ConfigError
+from hf_provenance.inspect_model import _config_where
 
 SCHEMA = "hf-provenance.arch/1"
 STATUSES = (DIRECT, AFTER_ALIGNMENT, NO_COUNTERPART)
@@ -78,15 +78,6 @@ class ArchReport:
             "by_status": by_status,
             "notes": list(c.notes),
         }
-
-
-def _config_where(src) -> str:
-    """Where config.json is (or would be), for messages: a local path, else ``<ref>: config.json``."""
-    path = getattr(src, "path", None)
-    if not path:
-        return f"{src.ref}: config.json"
-    folder = path if src.kind != "file" else os.path.dirname(path)
-    return os.path.join(folder or ".", "config.json")
 
 
 def _describe(src) -> tuple[dict[str, Any], Any]:

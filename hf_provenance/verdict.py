@@ -82,9 +82,9 @@ def decide(tensors: list[TensorResult], components: dict[str, GroupEffect], th: 
     if all_equal and not nc and not rel:
         same_dtype = all(t.dtype[0] == t.dtype[1] for t in tensors)
         if sampled:
-            rows = sum(t.fraction_read for t in tensors)
-            reason = ("every compared tensor is equal in the sampled rows; identical in the sampled rows "
-                      "(rule of three: at most ~3/n of the unread rows could differ undetected)")
+            rows = sum(max(1, round(t.fraction_read * (t.shape[0] if len(t.shape) > 1 else 1))) for t in tensors)
+            reason = (f"identical in the sampled rows: all {rows} rows read are equal; by the rule of three, at "
+                      f"most {3 / rows:.2%} of rows could differ undetected (95% upper bound)")
         else:
             reason = "every tensor decodes bit-equal" + ("" if same_dtype else " (lossless re-encoding)")
         return Verdict("identical", ("copy",), "direction not determined by weights (identical)", (reason,), nc)

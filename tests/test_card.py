@@ -162,7 +162,7 @@ def test_section_independent(reports, models):
     assert f"**This model shows no shared weight lineage with {name}.**" in s
     assert "base_model_relation" not in s.split("#### Per-component")[0]  # no Hub relation for independent
     upper = c["overall"]["abs_pearson"]["upper"]
-    assert f"| **overall** |" in s and _fmt(upper) in s
+    assert "| **overall** |" in s and _fmt(upper) in s
     assert "below δ" in s
     assert md(c["reasons"][0]) in s and "95% upper bound" in s
     assert "Direction: not applicable." in s

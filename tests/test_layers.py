@@ -4,13 +4,12 @@ SOLAR-style up-scaled, residual-permuted), the null level, bytes read, and the c
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from hf_provenance.alignment import layers as L
 from hf_provenance.alignment.identity import identity_plan

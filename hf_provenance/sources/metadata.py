@@ -45,26 +45,25 @@ def read_json(path: str, roots: tuple[str, ...], error: type[InputError] = Input
         raise error(path, f"not valid JSON ({exc})") from None
 
 
-def read_config(folder: str, roots: tuple[str, ...]) -> dict[str, Any] | None:
-    """config.json as a dict, None when absent; ConfigError when it is not a JSON object."""
-    path = os.path.join(folder, "config.json")
+def _read_json_object(folder: str, name: str, roots: tuple[str, ...]) -> dict[str, Any] | None:
+    """``folder/name`` as a dict, None when absent; ConfigError when it is not a JSON object."""
+    path = os.path.join(folder, name)
     if not os.path.lexists(path):
         return None
     doc = read_json(path, roots, ConfigError)
     if not isinstance(doc, dict):
         raise ConfigError(path, f"must be a JSON object, got {type(doc).__name__}")
     return doc
+
+
+def read_config(folder: str, roots: tuple[str, ...]) -> dict[str, Any] | None:
+    """config.json as a dict, None when absent; ConfigError when it is not a JSON object."""
+    return _read_json_object(folder, "config.json", roots)
 
 
 def read_adapter(folder: str, roots: tuple[str, ...]) -> dict[str, Any] | None:
     """adapter_config.json (PEFT) as a dict, None when absent; ConfigError when it is not a JSON object."""
-    path = os.path.join(folder, "adapter_config.json")
-    if not os.path.lexists(path):
-        return None
-    doc = read_json(path, roots, ConfigError)
-    if not isinstance(doc, dict):
-        raise ConfigError(path, f"must be a JSON object, got {type(doc).__name__}")
-    return doc
+    return _read_json_object(folder, "adapter_config.json", roots)
 
 
 def quantization_config(config: dict[str, Any] | None) -> dict[str, Any] | None:

@@ -7,7 +7,6 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from hf_provenance.alignment.plan import ARBITRARY
 from hf_provenance.measurement.accumulate import SCALARS, simhash_distance, unshift
 from hf_provenance.measurement.stream import TensorMeasurement
 from hf_provenance.statistics import effects as fx
