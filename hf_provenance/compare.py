@@ -172,9 +172,11 @@ def compare_one(model, base, *, sample: float | None, seed: int, device: str, pr
     upcycling = _is_moe(model) and not _is_moe(base)
     total_params = sum(g.params for g in components.values()) or 1
     # a derived verdict with a large component showing nothing: units, heads or experts may be permuted there
+    # (routed experts and the router are searched whatever their share: shuffling experts is cheap and common)
     weak = verdict.verdict == "derived" and any(
-        g.r_mean is not None and abs(g.r_mean) < th.r_derived and g.params > 0.1 * total_params
-        for g in components.values())
+        g.r_mean is not None and abs(g.r_mean) < th.r_derived
+        and (g.params > 0.1 * total_params or name in ("routed_experts", "router"))
+        for name, g in components.items())
     settled = verdict.verdict in ("derived", "identical") and not weak
     if not settled or upcycling:
         new_plan, fit, covered = ((None, None, 0) if settled else

@@ -177,6 +177,7 @@ def test_sampled_compare_matches_full_and_reads_a_tenth(medium_family):
 @pytest.mark.parametrize("family, variant, relation", [
     ("llama", "permute_units", "permuted"), ("bert", "permute_units", "permuted"),
     ("deepseek_v3", "permute_units", "permuted"), ("qwen3_moe", "shuffle_experts", "permuted"),
+    ("deepseek_v3", "shuffle_experts", "permuted"),
     ("llama", "upcycle", "upcycled"),
 ])
 def test_function_preserving_permutations_and_upcycling_through_compare(make, family, variant, relation):
