@@ -34,7 +34,7 @@ sys.path.insert(0, str(ROOT))
 
 from hf_provenance.compare import compare  # noqa: E402
 from hf_provenance.factory import build  # noqa: E402
-from hf_provenance.factory.transforms import TRANSFORMS  # noqa: E402
+from hf_provenance.factory.transforms import TRANSFORMS, permute_residual_state_dict  # noqa: E402
 from hf_provenance.statistics.folk import rule_of_thumb  # noqa: E402
 from hf_provenance.statistics.thresholds import load as load_thresholds  # noqa: E402
 
@@ -154,25 +154,6 @@ def rotate_residual(sd, seed=0):
     return out
 
 
-def permute_residual(sd, seed=3):
-    """Residual stream permuted and sign-flipped everywhere it is read or written (function unchanged)."""
-    h = sd["model.embed_tokens.weight"].shape[1]
-    g = torch.Generator().manual_seed(seed)
-    perm = torch.randperm(h, generator=g)
-    sign = torch.where(torch.rand(h, generator=g) < 0.5, -1.0, 1.0)
-    reads = ("embed_tokens", "q_proj", "k_proj", "v_proj", "gate_proj", "up_proj", "lm_head", "mlp.gate.weight")
-    out = {}
-    for k, v in sd.items():
-        if v.ndim == 2 and v.shape[1] == h and any(x in k for x in reads):
-            v = (v * sign)[:, perm]
-        elif v.ndim == 2 and v.shape[0] == h and ("o_proj" in k or "down_proj" in k):
-            v = (v * sign[:, None])[perm]
-        elif v.ndim == 1 and v.shape[0] == h:
-            v = v[perm]
-        out[k] = v
-    return out
-
-
 # ---- the table --------------------------------------------------------------------------------------------------
 
 def rows(cache: Path, quick: bool):
@@ -216,7 +197,7 @@ def rows(cache: Path, quick: bool):
                 "derived", "permuted"
         if fam in ("llama", "qwen3_moe"):
             yield fam, "residual permutation with sign flips", \
-                _rewrite(base, ex / f"{fam}-resperm", permute_residual), base, "derived", "permuted"
+                _rewrite(base, ex / f"{fam}-resperm", permute_residual_state_dict), base, "derived", "permuted"
         if fam in ("llama", "qwen3_moe"):
             yield fam, "norm folding", _rewrite(base, ex / f"{fam}-fold", fold_norms), base, "derived", None
             yield fam, "rotary row reorder (half-split -> interleaved)", \

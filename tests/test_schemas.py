@@ -198,3 +198,16 @@ def test_nan_and_schema_errors_write_nothing(compare_doc, tmp_path):
     assert not target.exists() and list(tmp_path.iterdir()) == []
     jsonout.dump(compare_doc, str(target))
     assert json.loads(target.read_text()) == compare_doc
+
+
+def test_merge_fit_validates_against_the_compare_schema(make):
+    """A report with two bases carries the merge fit; the schema checks its fields."""
+    from hf_provenance.compare import compare
+    from hf_provenance.schemas import validate
+
+    d = compare(make("llama", "finetune"), [make("llama"), make("llama", "independent")]).to_dict()
+    assert d["merge"] is not None and len(d["merge"]["weights"]) == 2
+    validate(d)
+    d["merge"]["weights"] = "not a list"
+    with pytest.raises(Exception):
+        validate(d)

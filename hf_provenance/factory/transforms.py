@@ -681,6 +681,26 @@ TRANSFORMS: dict[str, Transform] = {t.name: t for t in [
 
 # ---- applying a transform ---------------------------------------------------------------------------------
 
+def permute_residual_state_dict(sd: dict[str, torch.Tensor], seed: int = 3) -> dict[str, torch.Tensor]:
+    """A Llama-layout state dict with the residual stream permuted and sign-flipped everywhere it is read or
+    written (function unchanged; norm weights are permuted, never flipped)."""
+    h = sd["model.embed_tokens.weight"].shape[1]
+    g = torch.Generator().manual_seed(seed)
+    perm = torch.randperm(h, generator=g)
+    sign = torch.where(torch.rand(h, generator=g) < 0.5, -1.0, 1.0)
+    reads = ("embed_tokens", "q_proj", "k_proj", "v_proj", "gate_proj", "up_proj", "lm_head", "mlp.gate.weight")
+    out = {}
+    for k, v in sd.items():
+        if v.ndim == 2 and v.shape[1] == h and any(x in k for x in reads):
+            v = (v * sign)[:, perm]
+        elif v.ndim == 2 and v.shape[0] == h and ("o_proj" in k or "down_proj" in k):
+            v = (v * sign[:, None])[perm]
+        elif v.ndim == 1 and v.shape[0] == h:
+            v = v[perm]
+        out[k] = v.contiguous()
+    return out
+
+
 def resolve_params(name: str, params: dict[str, Any]) -> dict[str, Any]:
     """The transform's defaults overridden by ``params``; unknown names raise ``ValueError``."""
     spec = transform(name)
