@@ -13,6 +13,7 @@ Normal p-values are nominal; decisions rest on effect sizes and calibrated thres
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -119,12 +120,20 @@ def permutation_test_1d(a: np.ndarray, b: np.ndarray, *, n_perm: int = 999, seed
     if na <= TINY or nb <= TINY:
         return float("nan"), float("nan")
     r_obs = float(a @ b / (na * nb))
-    rng = np.random.default_rng(seed)
-    rs = (rng.permuted(np.broadcast_to(b, (n_perm, b.size)), axis=1) @ a) / (na * nb)
+    rs = (b[_permutations(b.size, n_perm, seed)] @ a) / (na * nb)
     k = int(np.sum(np.abs(rs) >= abs(r_obs) - 1e-12))
     p = (k + 1) / (n_perm + 1)
     sd = float(np.std(rs)) or 1.0 / math.sqrt(max(a.size - 1, 1))
     return p, r_obs / sd
+
+
+@functools.lru_cache(maxsize=8)
+def _permutations(n: int, n_perm: int, seed: int) -> np.ndarray:
+    """K seeded uniform permutations of range(n), shared by every vector of length n in a run (each test is still
+    exact: its K permutations are uniform and independent of the data); read-only."""
+    idx = np.random.default_rng(seed).permuted(np.broadcast_to(np.arange(n, dtype=np.int32), (n_perm, n)), axis=1)
+    idx.flags.writeable = False
+    return idx
 
 
 def fisher(r: float) -> float:
