@@ -108,20 +108,23 @@ def test_sampling_blocks_and_strata():
     assert all(s.strata.count(h) == 2 for h in set(s.strata))
 
 
-def test_simhash_tracks_correlation_and_survives_bf16():
+@pytest.mark.parametrize("n_cols", [256, 3000, 40])  # one bucket per column group; narrow tensors use row groups
+def test_simhash_tracks_correlation_and_survives_bf16(n_cols):
     g = torch.Generator().manual_seed(0)
-    a = torch.randn(512, 256, generator=g)
+    a = torch.randn(512, n_cols, generator=g)
 
     def digest(x):
-        h = SimHasher(256, seed=5)
+        h = SimHasher(n_cols, seed=5)
         for s in range(0, 512, 100):
             h.update(x[s:s + 100], s)
         return h.digest()
 
     da = digest(a)
+    assert digest(a) == da  # deterministic
     assert simhash_distance(da, digest(a.bfloat16().float())) <= 8
+    assert simhash_distance(da, digest(-a)) == 256
     for rho in (0.9, 0.5, 0.0):
-        b = rho * a + np.sqrt(1 - rho ** 2) * torch.randn(512, 256, generator=g)
+        b = rho * a + np.sqrt(1 - rho ** 2) * torch.randn(512, n_cols, generator=g)
         expected = 256 * np.arccos(rho) / np.pi
         assert abs(simhash_distance(da, digest(b)) - expected) < 30
 

@@ -21,6 +21,18 @@ SCALARS = ("rows", "Sa", "Sb", "Saa", "Sbb", "Sab", "Rab", "Raa", "Rbb")
 
 
 @dataclass
+class SideSums:
+    """One side's block: as stored (float32), as used in the products (scaled/shifted), and its own sums."""
+
+    raw: torch.Tensor
+    x: torch.Tensor
+    rows: torch.Tensor       # row sums, float32 (B·k,)
+    cols: torch.Tensor       # column sums per block, float64 (B, n)
+    sq: torch.Tensor         # Σ x² per block (B,)
+    blocks: int = 1
+
+
+@dataclass
 class BlockSums:
     """Sums over one block of rows: the SCALARS plus the block's column sums."""
 
@@ -38,39 +50,44 @@ def _mix64(x: torch.Tensor, seed: int) -> torch.Tensor:
 
 
 class SimHasher:
-    """256-bit SimHash of a tensor's values, streaming, one pass over the values.
+    """256-bit SimHash of a tensor's values, streaming: one signed GEMV per row block.
 
-    Element (i, j) goes to bucket (j mod 256 + h_r[i]) mod 256 with sign s_g[j // 256]·s_r[i] (seeded hashes of the
-    row index and of the column group); each bucket sums its signed values and the bit is the bucket's sign.
-    Buckets sum disjoint sets of elements, so for two tensors with Pearson ρ each bit differs with probability
-    arccos(ρ)/π: the Hamming distance tracks 256·arccos(ρ)/π and a bf16 re-export still matches.
+    Element (i, j) gets the sign s_r[i]·s_c[f] and goes to bucket (f + h(f // 256)) mod 256, where f = g(i)·n + j
+    and g(i) is a seeded hash of the row into one of G = ceil(256 / n) row groups (G = 1 unless the tensor is
+    narrower than 256 columns). A block therefore only needs U[g] += Σ_{i∈g} s_r[i]·x[i, :] (a GEMV, or a tiny
+    GEMM when G > 1); the column signs and buckets are applied once to U at the end. Each bucket is a random ±1
+    projection of a disjoint set of elements, E[s s'] = δ, so for two tensors with cosine ρ (the signs centre each
+    bucket) every bit differs with probability arccos(ρ)/π: the Hamming distance tracks 256·arccos(ρ)/π and a
+    bf16 re-export still matches.
     """
 
     def __init__(self, n_cols: int, seed: int = 0):
         self.n_cols = n_cols
-        self.groups = -(-n_cols // SIMHASH_BITS)
-        hg = _mix64(torch.arange(self.groups, dtype=torch.int64), seed + 1)
-        self.group_sign = torch.where((hg >> 8) & 1 == 1, 1.0, -1.0).to(torch.float32)
+        self.groups = max(1, -(-SIMHASH_BITS // max(n_cols, 1)))
         self.seed = seed
-        self.acc = torch.zeros(SIMHASH_BITS, dtype=torch.float64)
+        self.acc = torch.zeros(self.groups, n_cols, dtype=torch.float64)
 
     def update(self, rows: torch.Tensor, first_row: int) -> None:
         k = rows.shape[0]
-        x = rows.float().cpu()
-        pad = self.groups * SIMHASH_BITS - self.n_cols
-        if pad:
-            x = torch.nn.functional.pad(x, (0, pad))
-        buckets = torch.matmul(self.group_sign, x.view(k, self.groups, SIMHASH_BITS))  # (k, 256), one pass
-        idx = torch.arange(first_row, first_row + k, dtype=torch.int64)
-        hr = _mix64(idx, self.seed + 2)
-        shift = (hr & (SIMHASH_BITS - 1)).unsqueeze(1)
-        rsign = torch.where((hr >> 8) & 1 == 1, 1.0, -1.0).to(torch.float32).unsqueeze(1)
-        gather = (torch.arange(SIMHASH_BITS).unsqueeze(0) - shift) % SIMHASH_BITS
-        rolled = torch.gather(buckets, 1, gather) * rsign
-        self.acc += rolled.sum(0, dtype=torch.float64)
+        x = rows.to("cpu", torch.float32).reshape(k, self.n_cols)
+        h = _mix64(torch.arange(first_row, first_row + k, dtype=torch.int64), self.seed + 2)
+        sign = torch.where((h >> 8) & 1 == 1, 1.0, -1.0).to(torch.float32)
+        if self.groups == 1:
+            self.acc[0] += (sign @ x).double()
+            return
+        mix = torch.zeros(self.groups, k)
+        mix[(h & 0xFFFF) % self.groups, torch.arange(k)] = sign
+        self.acc += (mix @ x).double()
 
     def digest(self) -> str:
-        bits = (self.acc > 0).numpy().astype(np.uint8)
+        flat = self.acc.reshape(-1)
+        f = torch.arange(flat.numel(), dtype=torch.int64)
+        hf = _mix64(f, self.seed + 3)
+        col_sign = torch.where((hf >> 8) & 1 == 1, 1.0, -1.0).to(torch.float64)
+        rot = _mix64(f // SIMHASH_BITS, self.seed + 1) & (SIMHASH_BITS - 1)
+        bucket = (f + rot) % SIMHASH_BITS
+        z = torch.zeros(SIMHASH_BITS, dtype=torch.float64).index_add_(0, bucket, flat * col_sign)
+        bits = (z > 0).numpy().astype(np.uint8)
         return np.packbits(bits).tobytes().hex()
 
 
@@ -127,61 +144,72 @@ class PairAccumulator:
             self._g = (torch.randn(self.n_cols, SKETCH_K, generator=gen) / SKETCH_K ** 0.5).to(self.device)
             self.sketch_acc = torch.zeros(self.n_cols, SKETCH_K, dtype=torch.float64, device=self.device)
 
-    def update(self, a: torch.Tensor, b: torch.Tensor, *, _masked: bool = False) -> None:
-        """a, b: float32 (k, n_cols) blocks, already mapped into the base's index space.
+    def side(self, x: torch.Tensor, which: str, blocks: int = 1) -> "SideSums":
+        """The sums of one side that need nothing from the other side, for ``blocks`` equal row blocks of x.
 
-        All block scalars are reduced on the device and fetched with one synchronisation; blocks of ~1 MiB stay in
-        cache across the dozen reductions.
+        Loader threads call this for each side in parallel (each side only touches its own scale/shift), so the
+        main thread is left with the cross terms. The first block of a side fixes its power-of-two scale and shift.
         """
-        a = a.to(self.device, torch.float32).contiguous()
-        b = b.to(self.device, torch.float32).contiguous()
-        k = a.shape[0]
-        d = (a - b).reshape(-1)
+        x = x.to(self.device, torch.float32).contiguous()
+        if which == "a":
+            if self.shift_a is None:
+                self.scale_a = _pow2_scale(x)
+                self.shift_a = _offset(_times_pow2(x, self.scale_a))
+            scale, shift = self.scale_a, self.shift_a
+        else:
+            if self.shift_b is None:
+                self.scale_b = _pow2_scale(x)
+                self.shift_b = _offset(_times_pow2(x, self.scale_b))
+            scale, shift = self.scale_b, self.shift_b
+        y = _times_pow2(x, scale) if scale != 1.0 else x
+        if shift:
+            y = y - shift
+        cols = y.view(blocks, -1, y.shape[1]).sum(1).double()
+        return SideSums(x, y, y.sum(1), cols, _block_dots(y, y, blocks), blocks)
+
+    def update(self, a, b, *, blocks: int = 1, _masked: bool = False) -> None:
+        """a, b: float32 (B·k, n_cols) rows already mapped into the base's index space (B = ``blocks`` equal
+        blocks of k rows, each kept apart for the jackknife), or their ``side`` sums.
+
+        All scalars are reduced on the device and fetched with one synchronisation; one call for B sampled blocks
+        spares B−1 rounds of per-call overhead.
+        """
+        sa = a if isinstance(a, SideSums) else self.side(a, "a", blocks)
+        sb = b if isinstance(b, SideSums) else self.side(b, "b", blocks)
+        nb = sa.blocks
+        k = sa.raw.shape[0] // nb
+        d = (sa.raw - sb.raw).reshape(-1)  # differences in stored units, before any scaling
         if self.cast_dtype is not None:
-            self.cast_equal += int((a.reshape(-1).to(self.cast_dtype).float() == b.reshape(-1)).sum())
-        if self.shift_a is None:
-            self.scale_a, self.scale_b = _pow2_scale(a), _pow2_scale(b)
-        if self.scale_a != 1.0:
-            a = _times_pow2(a, self.scale_a)
-        if self.scale_b != 1.0:
-            b = _times_pow2(b, self.scale_b)
-        if self.shift_a is None:
-            self.shift_a, self.shift_b = _offset(a), _offset(b)
-        if self.shift_a:
-            a = a - self.shift_a
-        if self.shift_b:
-            b = b - self.shift_b
-        af, bf = a.reshape(-1), b.reshape(-1)
-        ra, rb = a.sum(1), b.sum(1)
-        ca, cb = a.sum(0).double(), b.sum(0).double()  # float32 within a block, float64 across blocks
+            self.cast_equal += int((sa.raw.reshape(-1).to(self.cast_dtype).float() == sb.raw.reshape(-1)).sum())
+        ra, rb = sa.rows.view(nb, k), sb.rows.view(nb, k)
         lo, hi = torch.aminmax(d) if d.numel() else (torch.zeros(()), torch.zeros(()))
-        vals = torch.stack([
-            torch.dot(af, af), torch.dot(bf, bf), torch.dot(af, bf), ra.sum(), rb.sum(),
-            torch.dot(ra, rb), torch.dot(ra, ra), torch.dot(rb, rb),
-            torch.dot(d, d), (d.numel() - torch.count_nonzero(d)).float(), -lo, hi]).tolist()
-        saa, sbb, sab, sa, sb, rab, raa, rbb, sdd, equal, neg_lo, hi_v = vals
-        if not _masked and not all(map(math.isfinite, (saa, sbb, sab, sdd))):
-            # rare: NaN/Inf values; count them and redo the block with them set to 0 (in stored units)
-            ra_, rb_ = a + (self.shift_a or 0.0), b + (self.shift_b or 0.0)
-            fin = torch.isfinite(ra_) & torch.isfinite(rb_)
+        per_block = torch.stack([
+            sa.sq, sb.sq, _block_dots(sa.x, sb.x, nb), ra.sum(1), rb.sum(1),
+            (ra * rb).sum(1), (ra * ra).sum(1), (rb * rb).sum(1)]).double()
+        totals = torch.stack([torch.dot(d, d), (d.numel() - torch.count_nonzero(d)).float(), -lo, hi]).tolist()
+        per_block = per_block.cpu().numpy()  # (8, B): Saa, Sbb, Sab, Sa, Sb, Rab, Raa, Rbb
+        sdd, equal, neg_lo, hi_v = totals
+        if not _masked and not (np.isfinite(per_block[:3]).all() and math.isfinite(sdd)):
+            # rare: NaN/Inf values; count them and redo the rows with them set to 0 (in stored units)
+            fin = torch.isfinite(sa.raw) & torch.isfinite(sb.raw)
             self.nonfinite += int(fin.numel() - fin.sum())
-            self.update(torch.where(fin, _times_pow2(ra_, 1.0 / self.scale_a), 0.0),
-                        torch.where(fin, _times_pow2(rb_, 1.0 / self.scale_b), 0.0), _masked=True)
+            self.update(torch.where(fin, sa.raw, 0.0), torch.where(fin, sb.raw, 0.0), blocks=nb, _masked=True)
             return
-        s = np.array([k, sa, sb, saa, sbb, sab, rab, raa, rbb])
-        self.totals += s
-        self.col_a += ca
-        self.col_b += cb
+        saa, sbb, sab, s_a, s_b, rab, raa, rbb = per_block
+        s = np.stack([np.full(nb, float(k)), s_a, s_b, saa, sbb, sab, rab, raa, rbb], axis=1)  # (B, SCALARS)
+        self.totals += s.sum(0)
+        self.col_a += sa.cols.sum(0)
+        self.col_b += sb.cols.sum(0)
         self.sdd += sdd
         self.equal += int(equal)
         self.max_abs_diff = max(self.max_abs_diff, neg_lo, hi_v)
         if self.keep_blocks:
-            self.blocks.append(BlockSums(s, ca.cpu().numpy(), cb.cpu().numpy()))
+            ca, cb = sa.cols.cpu().numpy(), sb.cols.cpu().numpy()
+            self.blocks.extend(BlockSums(s[i], ca[i], cb[i]) for i in range(nb))
         if self.sketch:
-            ar = a - (ra / self.n_cols).unsqueeze(1)
-            br = b - (rb / self.n_cols).unsqueeze(1)
+            ar = sa.x - (sa.rows / self.n_cols).unsqueeze(1)
+            br = sb.x - (sb.rows / self.n_cols).unsqueeze(1)
             self.sketch_acc += (ar.T @ (br @ self._g)).double()
-
 
     def raw_totals(self) -> np.ndarray:
         """The scalar sums of the values as stored (shift and scale undone)."""
@@ -204,6 +232,13 @@ class PairAccumulator:
         return self.max_abs_diff
 
 
+def _block_dots(x: torch.Tensor, y: torch.Tensor, blocks: int) -> torch.Tensor:
+    """Σ x·y within each of ``blocks`` equal row blocks: shape (blocks,)."""
+    if blocks == 1:
+        return torch.dot(x.reshape(-1), y.reshape(-1)).reshape(1)
+    return torch.linalg.vecdot(x.reshape(blocks, -1), y.reshape(blocks, -1))
+
+
 def _times_pow2(x: torch.Tensor, factor: float) -> torch.Tensor:
     """x · factor for a power-of-two factor, exactly, even when the factor itself overflows float32."""
     if factor == 1.0:
@@ -213,7 +248,10 @@ def _times_pow2(x: torch.Tensor, factor: float) -> torch.Tensor:
 
 def _pow2_scale(x: torch.Tensor) -> float:
     """2^k bringing the first block's largest magnitude near 1 when it is below 1e-15 or above 1e15, else 1."""
-    peak = float(x.abs().max()) if x.numel() else 0.0
+    if not x.numel():
+        return 1.0
+    lo, hi = torch.aminmax(x)
+    peak = max(-float(lo), float(hi))
     if not math.isfinite(peak) or peak == 0.0 or 1e-15 <= peak <= 1e15:
         return 1.0
     return 2.0 ** (-math.frexp(peak)[1])

@@ -100,6 +100,22 @@ class LocalSource:
             self._reader = RowReader(self.inventory, transport, metadata.quantization_config(self.config))
         return self._reader
 
+    prefetch_full_reads = False  # sequential full reads already get the kernel's read-ahead
+
+    def prefetch(self, blocks) -> int:
+        """Hint the kernel to read row blocks ``(tensor, start_row, stop_row)`` ahead; returns the spans hinted."""
+        transport = self.reader.transport
+        if not hasattr(transport, "advise"):
+            return 0
+        spans: dict[str, list[tuple[int, int]]] = {}
+        for name, start, stop in blocks:
+            info = self.inventory[name]
+            spans.setdefault(info.file, []).append((info.start + start * info.row_bytes,
+                                                    info.start + stop * info.row_bytes))
+        for file, s in spans.items():
+            transport.advise(file, s)
+        return sum(map(len, spans.values()))
+
     @property
     def bytes_read(self) -> int:
         """Tensor bytes read so far by this source's readers (headers are counted in ``header_bytes``)."""

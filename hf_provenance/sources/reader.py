@@ -94,6 +94,18 @@ class LocalTransport:
                                       f"from byte {offset}); did the file shrink?")
             done += got
 
+    def advise(self, file: str, spans: list[tuple[int, int]]) -> None:
+        """Ask the kernel to read byte spans ahead (``posix_fadvise(WILLNEED)``): sampled blocks scattered over a
+        file then arrive while earlier ones are being computed, without reader threads. A hint only."""
+        if not hasattr(os, "posix_fadvise"):
+            return
+        fd = self._fd(file)
+        for a, b in spans:
+            try:
+                os.posix_fadvise(fd, a, b - a, os.POSIX_FADV_WILLNEED)
+            except OSError:
+                return
+
     def close(self) -> None:
         with self._lock:
             fds, self._fds = self._fds, {}
