@@ -69,8 +69,9 @@ class CompareReport:
     comparisons: tuple[Comparison, ...]
     notes: tuple[str, ...] = field(default_factory=tuple)
     merge: dict | None = None   # with ≥ 2 bases: the least-squares fit M ≈ Σ wᵢ·Bᵢ (alignment.merge)
+    lineage: dict | None = None  # with ≥ 2 derived/partial bases: where the lineages meet (alignment.lineage)
 
     def to_dict(self) -> dict:
         return {"schema": COMPARE_SCHEMA, "tool": self.tool, "run": self.run, "model": self.model.to_dict(),
                 "comparisons": [c.to_dict() for c in self.comparisons], "notes": list(self.notes),
-                "merge": self.merge}
+                "merge": self.merge, "lineage": self.lineage}

@@ -44,12 +44,27 @@ class MergeFit:
                           "tensors (parameter-weighted), 95% interval from their spread"}
 
 
-def fit_merge(model, bases: list, refs: list[str]) -> MergeFit | None:
-    """None when fewer than two bases share same-shaped tensors with the model."""
+@dataclass(frozen=True, eq=False)
+class GramSums:
+    """One streamed pass over the tensors that the model and every base hold under one canonical key and shape.
+
+    Per tensor t: ``gram[t] = [⟨Bᵢ, Bⱼ⟩]``, ``cross[t] = [⟨Bᵢ, M⟩]``, ``mm[t] = ⟨M, M⟩`` (float64) and its numel. The
+    merge fit and the lineage geometry (alignment.lineage: squared distances d²(X, Y) = ⟨X,X⟩ − 2⟨X,Y⟩ + ⟨Y,Y⟩)
+    both read these, so the weights are streamed once.
+    """
+
+    keys: tuple          # canonical keys (alignment.keys.CanonicalKey)
+    numel: np.ndarray   # (n,)
+    gram: np.ndarray    # (n, k, k)
+    cross: np.ndarray   # (n, k)
+    mm: np.ndarray      # (n,)
+
+
+def gram_sums(model, bases: list) -> GramSums:
     km, _, _ = keyed(model)
     kbs = [keyed(b)[0] for b in bases]
     k = len(bases)
-    rows_w, rows_n, gram_tot, c_tot, mm_tot = [], [], np.zeros((k, k)), np.zeros(k), 0.0
+    keys, numel, grams, crosses, mms = [], [], [], [], []
     for key, mname in km.items():
         names = [kb.get(key) for kb in kbs]
         if any(n is None for n in names):
@@ -65,11 +80,26 @@ def fit_merge(model, bases: list, refs: list[str]) -> MergeFit | None:
             g += (bs @ bs.T).numpy()
             c += (bs @ m).numpy()
             mm += float(m @ m)
+        keys.append(key)
+        numel.append(info.numel)
+        grams.append(g)
+        crosses.append(c)
+        mms.append(mm)
+    return GramSums(tuple(keys), np.array(numel, float), np.array(grams).reshape(-1, k, k),
+                    np.array(crosses).reshape(-1, k), np.array(mms, float))
+
+
+def fit_merge(model, bases: list, refs: list[str], sums: GramSums | None = None) -> MergeFit | None:
+    """None when fewer than two bases share same-shaped tensors with the model. ``sums``: a pass already made."""
+    sums = gram_sums(model, bases) if sums is None else sums
+    k = len(bases)
+    rows_w, rows_n, gram_tot, c_tot, mm_tot = [], [], np.zeros((k, k)), np.zeros(k), 0.0
+    for g, c, mm, numel in zip(sums.gram, sums.cross, sums.mm, sums.numel):
         if mm <= 0 or np.linalg.matrix_rank(g) < k:
             continue
         w = np.linalg.solve(g, c)
         rows_w.append(w)
-        rows_n.append(info.numel)
+        rows_n.append(numel)
         gram_tot += g
         c_tot += c
         mm_tot += mm
@@ -99,4 +129,4 @@ def r2_note(fit: MergeFit) -> str:
     return f"{head}: M ≈ Σ w·B with {ws}; R² = {fit.r2:.4f} (best single base {best:.4f}) over {fit.tensors} tensors"
 
 
-__all__ = ["MergeFit", "fit_merge", "r2_note", "math"]
+__all__ = ["GramSums", "MergeFit", "fit_merge", "gram_sums", "r2_note", "math"]
