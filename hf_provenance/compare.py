@@ -15,11 +15,15 @@ import numpy as np
 
 from hf_provenance import __version__
 from hf_provenance.alignment.identity import identity_plan
-from hf_provenance.alignment.experts import expert_plan
+from hf_provenance.alignment.fused import layout_plan
+from hf_provenance.alignment.experts import expert_plan, experts_relayout
 from hf_provenance.alignment.layers import layer_plan
 from hf_provenance.alignment.units import unit_plan
+from hf_provenance.alignment.norms import norm_plan
+from hf_provenance.alignment.rotary import qk_lag, rotary_plan
 from hf_provenance.alignment.layouts import layout_for
-from hf_provenance.alignment.merge import fit_merge, r2_note
+from hf_provenance.alignment.lineage import fit_lineage, lineage_note
+from hf_provenance.alignment.merge import fit_merge, gram_sums, r2_note
 from hf_provenance.alignment.residual import apply_residual, embedding_pair, fit_residual, residual_axis_params
 from hf_provenance.errors import UsageError
 from hf_provenance.formats import check_adapter, unreadable_format
@@ -136,6 +140,12 @@ def compare_one(model, base, *, sample: float | None, seed: int, device: str, pr
     found = layer_plan(base, model, plan, facts, seed=seed, sample=sample)
     if found is not None:  # layers renumbered, dropped or repeated: pair each model layer with its base layer
         plan, _, layer_lines = found
+    plan, _, layout_lines = layout_plan(base, model, plan)  # fused tensors split, Conv1D [in, out] read transposed
+    layer_lines = layer_lines + layout_lines
+    folded = norm_plan(base, model, plan, seed=seed, sample=sample)  # norm weights folded into the next matrices
+    if folded is not None:
+        plan, _, fold_lines = folded
+        layer_lines = layer_lines + fold_lines
     layer_rel = list((plan.summary.get("layers") or {}).get("relation", []))
     tensors, components, layers = _evaluate(plan, base, model, sample=sample, seed=seed, device=device,
                                             progress=progress, th=th)
@@ -152,8 +162,11 @@ def compare_one(model, base, *, sample: float | None, seed: int, device: str, pr
         if emb and emb[0].rowhash_jaccard is not None:
             containment["vocab_rows_unchanged"] = emb[0].rowhash_jaccard == 1.0
         containment["vocab_changed"] = bool(vmap.base_only or vmap.model_only or not vmap.is_identity)
-    not_compared = [f"{u.side} tensor {u.name}: {u.reason}" for u in plan.unmatched
-                    if "counted once" not in u.reason and "buffer" not in u.reason]
+    def _not_compared(p) -> list[str]:
+        return [f"{u.side} tensor {u.name}: {u.reason}" for u in p.unmatched
+                if "counted once" not in u.reason and "buffer" not in u.reason]
+
+    not_compared = _not_compared(plan)
     fmt = unreadable_format(model) or unreadable_format(base)
     if fmt:
         packed = [n for src in (model, base) if unreadable_format(src)
@@ -178,14 +191,18 @@ def compare_one(model, base, *, sample: float | None, seed: int, device: str, pr
         and (g.params > 0.1 * total_params or name in ("routed_experts", "router"))
         for name, g in components.items())
     settled = verdict.verdict in ("derived", "identical") and not weak
-    if not settled or upcycling:
+    rotary_wanted = settled and qk_lag(tensors, th)  # q/k far below v/o: a rotary row reorder, say
+    relayout = experts_relayout(base, model, plan)  # experts stacked on one side only: the identity plan paired none
+    reported = plan
+    if not settled or upcycling or rotary_wanted or relayout:
         new_plan, fit, covered = ((None, None, 0) if settled else
                                   _residual_search(plan, base, model, facts, seed=seed, sample=sample,
                                                    lines=lines, layered=found is not None))
         extra = ["permuted"] if new_plan is not None else []
         work = new_plan if new_plan is not None else plan
-        searched, applied = 0, False
+        searched, applied, repaired = 0, False, False
         steps = (expert_plan,) if settled else (expert_plan, unit_plan)
+        steps += (rotary_plan,) if rotary_wanted or not settled else ()  # inside heads, after any head map
         for step in steps:  # experts first: unit maps inside experts assume the expert pairing
             out = step(base, model, work, seed=seed, sample=sample)
             if out is None:
@@ -197,13 +214,16 @@ def compare_one(model, base, *, sample: float | None, seed: int, device: str, pr
                 if isinstance(part, dict):
                     searched += int(part.get("searched_params") or 0)
                     applied |= bool(part.get("applied"))
+                    repaired |= bool(part.get("repaired_layers"))
                     if part.get("upcycled_layers"):
                         extra.append("upcycled")
         if applied and "upcycled" not in extra:
             extra.append("permuted")
-        if new_plan is not None or applied:
+        if new_plan is not None or applied or repaired:
             tensors, components, layers = _evaluate(work, base, model, sample=sample, seed=seed, device=device,
                                                     progress=progress, th=th)
+            reported = work
+            kwargs["not_compared"] = ([not_compared[0]] if fmt else []) + _not_compared(work)
             summary = {**dict(work.summary), **{k: v for k, v in summary.items() if k not in work.summary}}
         elif fit is not None:
             summary["residual"] = fit.to_dict()
@@ -218,7 +238,8 @@ def compare_one(model, base, *, sample: float | None, seed: int, device: str, pr
     emb_cos = emb[0].cosine.value if emb else None
     bytes_model = model.reader.bytes_read - read0[0]
     bytes_base = base.reader.bytes_read - read0[1]
-    total = sum(base.inventory[p.base_name].nbytes + model.inventory[p.cand_name].nbytes for p in plan.pairs)
+    total = (sum(base.inventory[n].nbytes for n in {p.base_name for p in plan.pairs})  # a fused tensor once
+             + sum(model.inventory[n].nbytes for n in {p.cand_name for p in plan.pairs}))
     io = {"bytes_read": {"model": bytes_model, "base": bytes_base}, "bytes_total": total,
           "fraction_read": (bytes_model + bytes_base) / total if total else 0.0,
           "seconds": time.perf_counter() - t0}
@@ -233,7 +254,7 @@ def compare_one(model, base, *, sample: float | None, seed: int, device: str, pr
         layers=tuple(layers), layer_readings=tuple(_layer_reading(g, n_layers) for g in layers), overall=overall,
         tensors=tuple(tensors), alignment=alignment, architecture=_arch(base, model), io=io,
         declared=_declared(model, base, verdict), rule_of_thumb=folk.rule_of_thumb(mean_layer_cos, emb_cos),
-        unmatched=tuple(u.to_dict() for u in plan.unmatched))
+        unmatched=tuple(u.to_dict() for u in reported.unmatched))
 
 
 def _is_moe(src) -> bool:
@@ -294,14 +315,22 @@ def compare(model_ref: str, base_refs: list[str] | None = None, *, sample: float
         base = open_fn(ref)
         comparisons.append(compare_one(model, base, sample=sample, seed=seed, device=device, progress=progress))
         opened.append(base)
-    merge = None
+    merge = lineage = None
     if len(opened) >= 2 and not sample:
-        fit = fit_merge(model, opened, list(base_refs))
+        sums = gram_sums(model, opened)  # one pass: the merge fit and the lineage geometry both read it
+        fit = fit_merge(model, opened, list(base_refs), sums=sums)
         if fit is not None:
             merge = fit.to_dict()
             notes.append(r2_note(fit))
             if fit.is_merge:
                 comparisons = [_with_merge(c, fit) for c in comparisons]
+        lin = fit_lineage(sums, [c.base.ref for c in comparisons],
+                          {c.base.ref: c.verdict.verdict for c in comparisons},
+                          merge_found=bool(fit is not None and fit.is_merge))
+        if lin is not None:
+            lineage = lin.to_dict()
+            notes.append(lineage_note(lin))
+            comparisons = [_with_lineage(c, lin) for c in comparisons]
     ranked = sorted(range(len(comparisons)), key=lambda i: _rank_key(comparisons[i]))
     from dataclasses import replace
 
@@ -311,7 +340,7 @@ def compare(model_ref: str, base_refs: list[str] | None = None, *, sample: float
            "seed": seed, "sample": sample, "device": device, "started": started,
            "seconds": time.perf_counter() - t0, "thresholds": th.to_dict()}
     return CompareReport({"name": "hf-provenance", "version": __version__}, run, _ref(model),
-                         tuple(comparisons), tuple(notes), merge=merge)
+                         tuple(comparisons), tuple(notes), merge=merge, lineage=lineage)
 
 
 def _with_merge(c: Comparison, fit) -> Comparison:
@@ -327,6 +356,23 @@ def _with_merge(c: Comparison, fit) -> Comparison:
     verdict = replace(c.verdict, relation=tuple(dict.fromkeys(rel + ("merge",))),
                       reasons=(reason,) + c.verdict.reasons[:2])
     return replace(c, verdict=verdict)
+
+
+def _with_lineage(c: Comparison, lin) -> Comparison:
+    """A base whose lineage meets the model's elsewhere: ``common-ancestor`` instead of ``finetune``, with the
+    geometry as the reason. A base at the junction, or a model at it, keeps its relation and gains the reason."""
+    from dataclasses import replace
+
+    ref = c.base.ref
+    if ref in lin.common_ancestor:
+        rel = tuple(r for r in c.verdict.relation if r != "finetune")
+        verdict = replace(c.verdict, relation=tuple(dict.fromkeys(rel + ("common-ancestor",))),
+                          reasons=(lin.common_ancestor[ref],) + c.verdict.reasons[:2])
+        return replace(c, verdict=verdict)
+    reason = lin.direct.get(ref) or lin.model_junction.get(ref)
+    if reason is None:
+        return c
+    return replace(c, verdict=replace(c.verdict, reasons=c.verdict.reasons + (reason,)))
 
 
 def _rank_key(c: Comparison):

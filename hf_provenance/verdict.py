@@ -74,6 +74,9 @@ def decide(tensors: list[TensorResult], components: dict[str, GroupEffect], th: 
         direction = f"model's vocabulary is a subset of the base's ({voc_m} vs {voc_b} rows): model derived from base"
     elif containment.get("vocab_changed"):
         rel.append("vocab-changed")
+    if "upcycled" in rel and direction.startswith("direction not"):
+        # containment (DESIGN): experts built from a dense MLP's units point from the dense base to the MoE
+        direction = "model's experts are built from the base's dense MLP (dense → MoE): model derived from base"
 
     all_equal = all(t.frac_equal == 1.0 for t in tensors)
     if "vocab-changed" in rel:  # not a DESIGN relation: it only stops an "identical" over re-paired rows

@@ -23,6 +23,15 @@ of B's residual axis transforms every expert Gram matrix and the router of B at 
 with its router row is kept. A layer's map is applied only when its held-out Gram r clears the effect threshold and
 z ≥ z_derived against that null.
 
+**Stacked experts.** transformers v5 stores a layer's routed experts as ``mlp.experts.gate_up_proj [E, 2I, H]``
+(gate then up per expert) and ``mlp.experts.down_proj [E, H, I]``; gguf as ``*_exps [E, ...]``. Each expert matrix
+is then a set of rows of the stacked tensor's 2-D view (``_View``; the gate/up split from the declared layout,
+:mod:`hf_provenance.alignment.layouts`), so matching and pairing work the same whether either side stores experts
+one tensor each or stacked. Where one side is stacked and the other is not, the identity plan paired nothing: the
+experts are paired expert by expert through the fitted map when it beat the null, else by index (what the identity
+plan does when both sides store them alike). Stacked layouts stored transposed (gpt-oss, Llama-4: ``[E, H, 2I]``)
+are listed, not searched.
+
 Cost per MoE layer with E experts of n units, residual width h, sketch width k: reading O(h·E·n) (ffn_down) plus
 the router; sketches O(h·E·n); Gram matrices O(E·n·k²); matching O(E²·k²) plus an E×E assignment; the null
 O(K·(E·k² + E²·k²)). Memory O(E·k² + n·k).
@@ -34,7 +43,7 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
-from scipy.optimize import linear_sum_assignment
+from hf_provenance.alignment.assignment import linear_sum_assignment
 
 from hf_provenance.alignment import keys as K
 from hf_provenance.alignment import nulls as N
@@ -54,7 +63,7 @@ ROUTER = "ffn_gate_inp"
 ROUTER_VECTORS = ("exp_probs_b",)   # one element per routed expert (DeepSeek's e_score_correction_bias)
 STACKED = ("ffn_gate_exps", "ffn_up_exps", "ffn_down_exps", "ffn_gate_up_exps")
 
-__all__ = ["ExpertLayerFit", "expert_plan", "gram_sketch"]
+__all__ = ["ExpertLayerFit", "expert_plan", "experts_relayout", "gram_sketch"]
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -91,11 +100,67 @@ def _lap(sim: np.ndarray) -> np.ndarray:
 # One MoE layer
 # ---------------------------------------------------------------------------------------------------------------
 
+@dataclass(frozen=True)
+class _View:
+    """One expert matrix: a whole tensor, or rows ``rows`` of a stacked [E, ...] tensor's 2-D view."""
+
+    name: str
+    key: K.CanonicalKey          # the expert's own key (synthesised for a stacked tensor: role ffn_*_exp, expert e)
+    shape: tuple[int, int]
+    rows: np.ndarray | None = None
+
+    @property
+    def stacked(self) -> bool:
+        return self.rows is not None
+
+    @property
+    def numel(self) -> int:
+        return self.shape[0] * self.shape[1]
+
+    def through(self, local: np.ndarray | None) -> np.ndarray | None:
+        """Stored rows of the view's rows ``local`` (None: all of them, in order)."""
+        if self.rows is None:
+            return None if local is None else np.asarray(local)
+        return self.rows if local is None else self.rows[np.asarray(local)]
+
+
 @dataclass
 class _Side:
-    experts: dict            # expert index (or -1 for a dense MLP) -> {role: tensor name}
+    experts: dict            # expert index (or -1 for a dense MLP) -> {role: _View (or a tensor name)}
     router: str | None
     shared_down: str | None
+
+    @property
+    def stacked(self) -> bool:
+        return any(isinstance(v, _View) and v.stacked for e in self.experts.values() for v in e.values())
+
+
+# stacked role -> the per-expert roles of its pieces (in the order of the declared split's pieces)
+UNSTACK = {"ffn_gate_exps": ("ffn_gate_exp",), "ffn_up_exps": ("ffn_up_exp",), "ffn_down_exps": ("ffn_down_exp",),
+           "ffn_gate_up_exps": ("ffn_gate_exp", "ffn_up_exp")}
+
+
+def _unstack(key, name: str, shape: tuple, layout) -> dict[int, dict[str, _View]] | None:
+    """Per-expert views of a stacked [E, out, in] tensor, or None (transposed storage, no declared split)."""
+    if len(shape) != 3 or layout.is_transposed(key.role) or key.role not in UNSTACK:
+        return None
+    n_exp, n_out, n_in = (int(x) for x in shape)
+    if key.role == "ffn_gate_up_exps":
+        split = layout.split_for(key.role)
+        try:
+            pieces = split.indices(n_out) if split is not None else None
+        except ValueError:
+            pieces = None
+        if pieces is None:
+            return None
+    else:
+        pieces = (tuple(range(n_out)),)
+    out: dict[int, dict[str, _View]] = {}
+    for e in range(n_exp):
+        for role, idx in zip(UNSTACK[key.role], pieces):
+            out.setdefault(e, {})[role] = _View(name, K.CanonicalKey(role, key.layer, e, key.part),
+                                                (len(idx), n_in), e * n_out + np.asarray(idx, dtype=np.int64))
+    return out
 
 
 @dataclass(frozen=True)
@@ -146,25 +211,39 @@ class ExpertLayerFit:
         }
 
 
-def _sides(kb: dict, km: dict) -> dict[int, tuple[_Side, _Side]]:
-    """Per layer with routed experts in the model: the base's experts (or its dense MLP) and the model's."""
-    def collect(keymap):
+def _sides(kb: dict, km: dict, base_src, model_src) -> tuple[dict[int, tuple[_Side, _Side]], dict[str, list[str]]]:
+    """Per layer with routed experts in the model: the base's experts (or its dense MLP) and the model's; and the
+    stacked roles per outcome (``{"searched": [...], "not_searched": [...]}``)."""
+    stacked: dict[str, set] = {"searched": set(), "not_searched": set()}
+
+    def collect(keymap, src):
+        layout = layout_for(str((src.config or {}).get("model_type", "")))
         out: dict[int, _Side] = {}
+
+        def view(key, name):
+            shape = tuple(int(x) for x in src.inventory[name].shape)
+            return _View(name, key, shape) if len(shape) == 2 else None
+
         for key, name in keymap.items():
             if key.part != "weight" or key.layer is None:
                 continue
             side = out.setdefault(key.layer, _Side({}, None, None))
-            if key.role in EXPERT_ROLES:
-                side.experts.setdefault(key.expert, {})[key.role] = name
-            elif key.role in DENSE_ROLES:
-                side.experts.setdefault(-1, {})[key.role + "_exp"] = name
+            if key.role in EXPERT_ROLES and (v := view(key, name)) is not None:
+                side.experts.setdefault(key.expert, {})[key.role] = v
+            elif key.role in DENSE_ROLES and (v := view(key, name)) is not None:
+                side.experts.setdefault(-1, {})[key.role + "_exp"] = v
+            elif key.role in STACKED:
+                views = _unstack(key, name, tuple(src.inventory[name].shape), layout)
+                stacked["searched" if views is not None else "not_searched"].add(key.role)
+                for e, roles in (views or {}).items():
+                    side.experts.setdefault(e, {}).update(roles)
             elif key.role == ROUTER:
                 side.router = name
             elif key.role == SHARED_DOWN:
                 side.shared_down = name
         return out
 
-    base, model = collect(kb), collect(km)
+    base, model = collect(kb, base_src), collect(km, model_src)
     out = {}
     for layer, ms in model.items():
         mexp = {e: v for e, v in ms.experts.items() if e >= 0 and "ffn_down_exp" in v}
@@ -177,7 +256,7 @@ def _sides(kb: dict, km: dict) -> dict[int, tuple[_Side, _Side]]:
         if not bexp:
             continue
         out[layer] = (_Side(bexp, bs.router, bs.shared_down), _Side(mexp, ms.router, ms.shared_down))
-    return out
+    return out, {k: sorted(v) for k, v in stacked.items()}
 
 
 def _residual_template(plan: AlignmentPlan) -> tuple[dict, dict]:
@@ -197,20 +276,28 @@ def _residual_template(plan: AlignmentPlan) -> tuple[dict, dict]:
     return rows, cols
 
 
-def _pair(base, model, bkey, bname: str, mname: str, template: tuple[dict, dict], *, writer: bool,
+def _pair(base, model, bview: _View, mview: _View, template: tuple[dict, dict], *, writer: bool,
           note: str | None = None, evidence: bool = True) -> PairSpec | None:
-    ib, im = base.inventory[bname], model.inventory[mname]
-    if len(ib.shape) != 2 or tuple(ib.shape) != tuple(im.shape):
+    """Base expert matrix vs model expert matrix (either may be rows of a stacked tensor), through the residual
+    map: rows of residual writers, columns of residual readers."""
+    if tuple(bview.shape) != tuple(mview.shape):
         return None
+    n_rows, n_cols = bview.shape
     layout = layout_for(str((base.config or {}).get("model_type", "")))
     rows, cols = template
     kw: dict = {}
-    if writer and rows and len(rows["cand_rows"]) == ib.shape[0]:
-        kw = {"base_rows": np.arange(ib.shape[0]), **rows}
-    elif not writer and cols and len(cols["col_map"]) == ib.shape[1]:
+    local = None
+    if writer and rows and len(rows["cand_rows"]) == n_rows:
+        local, kw["row_sign"] = rows["cand_rows"], rows["row_sign"]
+    elif not writer and cols and len(cols["col_map"]) == n_cols:
         kw = dict(cols)
-    return PairSpec(bkey, bname, mname, tuple(ib.shape), axes_for(bkey, 2, layout), K.component_of(bkey),
-                    bkey.layer, evidence=evidence, note=note, **kw)
+    brows, crows = bview.through(None), mview.through(local)
+    if brows is not None or crows is not None:
+        kw["base_rows"] = np.arange(n_rows) if brows is None else brows
+        kw["cand_rows"] = np.arange(n_rows) if crows is None else crows
+    key = bview.key
+    return PairSpec(key, bview.name, mview.name, (n_rows, n_cols), axes_for(key, 2, layout), K.component_of(key),
+                    key.layer, evidence=evidence, note=note, **kw)
 
 
 def fit_layer(layer: int, bside: _Side, mside: _Side, base, model, bkeys: dict, sketch: N.ResidualSketch,
@@ -222,8 +309,7 @@ def fit_layer(layer: int, bside: _Side, mside: _Side, base, model, bkeys: dict, 
     def grams(side: _Side, src, which: str) -> torch.Tensor:
         out = []
         for e in sorted(side.experts):
-            name = side.experts[e]["ffn_down_exp"]
-            pair = _reading_pair(src, name, bkeys, template, writer=True, side=which)
+            pair = _reading_pair(src, side.experts[e]["ffn_down_exp"], bkeys, template, writer=True, side=which)
             out.append(gram_sketch(sketch_writer(src, pair, sketch, side=which)))
         return torch.stack(out)
 
@@ -289,21 +375,28 @@ def fit_layer(layer: int, bside: _Side, mside: _Side, base, model, bkeys: dict, 
                           stats.get("shared_r"), recovered, consistent, upcycled)
 
 
-def _reading_pair(src, name: str, bkeys: dict, template: tuple[dict, dict], *, writer: bool,
+def _reading_pair(src, view: _View | str, bkeys: dict, template: tuple[dict, dict], *, writer: bool,
                   side: str) -> PairSpec:
-    """A pair that reads tensor ``name`` of one side in the base's index space (the model through the residual
-    map: rows of residual writers, columns of residual readers)."""
-    info = src.inventory[name]
-    shape = (int(np.prod(info.shape[:-1])), int(info.shape[-1]))
-    key = bkeys.get(name) or K.CanonicalKey("ffn_down_exp")
+    """A pair that reads one side's matrix ``view`` (a _View, or a whole tensor by name) in the base's index space
+    (the model through the residual map: rows of residual writers, columns of residual readers)."""
+    if not isinstance(view, _View):
+        info = src.inventory[view]
+        view = _View(view, bkeys.get(view) or K.CanonicalKey("ffn_down_exp"),
+                     (int(np.prod(info.shape[:-1])), int(info.shape[-1])))
+    shape = view.shape
     kw: dict = {}
     if side == "model":
         rows, cols = template
         if writer and rows and len(rows["cand_rows"]) == shape[0]:
-            kw = {"base_rows": np.arange(shape[0]), **rows}
+            kw = {"base_rows": np.arange(shape[0]), "cand_rows": view.through(rows["cand_rows"]),
+                  "row_sign": rows["row_sign"]}
         elif not writer and cols and len(cols["col_map"]) == shape[1]:
             kw = dict(cols)
-    return PairSpec(key, name, name, shape, ("arbitrary", "arbitrary"), "routed_experts", **kw)
+        if view.stacked and "cand_rows" not in kw:
+            kw.update(base_rows=np.arange(shape[0]), cand_rows=view.rows)
+    elif view.stacked:
+        kw = {"base_rows": view.rows}
+    return PairSpec(view.key, view.name, view.name, shape, ("arbitrary", "arbitrary"), "routed_experts", **kw)
 
 
 def _router_pair(base, model, bkeys, bname, mname, template, rows: np.ndarray | None) -> PairSpec | None:
@@ -337,87 +430,136 @@ def expert_plan(base, model, plan: AlignmentPlan, *, seed: int = 0, sample: floa
         apply_all: apply maps that did not beat the null too (diagnostics and tests only).
 
     Returns:
-        None when the model has no routed experts (per-expert tensors) with a counterpart in the base, or every
-        layer's map is the identity. Otherwise ``(plan, summary, lines)``: expert pairs re-paired through the
-        map (``ffn_down_exp``, fitted on, gets evidence=False; gate/up stay evidence), router rows and
-        ``exp_probs_b`` mapped, upcycled dense MLPs paired with every copy (the best one as evidence, further copies
-        evidence=False: one base tensor is counted once); ``summary = {"experts": ...}``; report lines.
+        None when the model has no routed experts (per-expert tensors, or stacked ones stored [E, out, in]) with a
+        counterpart in the base, or every layer's map is the identity and both sides store experts alike.
+        Otherwise ``(plan, summary, lines)``: expert pairs re-paired through the map (``ffn_down_exp``, fitted on,
+        gets evidence=False; gate/up stay evidence), router rows and ``exp_probs_b`` mapped, upcycled dense MLPs
+        paired with every copy (the best one as evidence, further copies evidence=False: one base tensor is counted
+        once) or, for experts cut from unit slices, with the rows/columns each took (:mod:`.slices`); layers whose
+        experts are stacked on one side only and whose map is the identity (or did not beat the null) paired by
+        index (``repaired_layers``); ``summary = {"experts": ...}``; report lines.
     """
     kb, _, _ = keyed(base)
     km, _, _ = keyed(model)
-    layers = _sides(kb, km)
-    stacked = sorted({k.role for k in km if k.role in STACKED} | {k.role for k in kb if k.role in STACKED})
+    layers, stacked = _sides(kb, km, base, model)
     if not layers:
         return None
     bkeys = {name: key for key, name in kb.items()}
-    hidden = next(base.inventory[n].shape[0] for b, _ in layers.values() for e in b.experts.values()
-                  for r, n in e.items() if r == "ffn_down_exp")
+    hidden = next(v.shape[0] for b, _ in layers.values() for e in b.experts.values()
+                  for r, v in e.items() if r == "ffn_down_exp")
     sketch = N.ResidualSketch.build(hidden, N.residual_dims(hidden, sample, seed), k=sketch_k, seed=seed)
     template = _residual_template(plan)
+    from hf_provenance.alignment import slices as S   # slices builds on this module's helpers
+
+    sliced = {layer for layer, (b, m) in layers.items() if S.is_sliced(b, m)}
     fits = [fit_layer(layer, b, m, base, model, bkeys, sketch, template, seed=seed, draws=draws)
-            for layer, (b, m) in sorted(layers.items())]
-    if all(f.is_identity for f in fits):
+            for layer, (b, m) in sorted(layers.items()) if layer not in sliced]
+    unit_sketch = (N.ResidualSketch.build(hidden, N.residual_dims(hidden, sample, seed), k=N.SKETCH_K, seed=seed)
+                   if sliced else None)
+    slice_fits = [S.fit_slices(layer, *layers[layer], base, model, bkeys, unit_sketch, template, seed=seed,
+                               draws=draws) for layer in sorted(sliced)]
+    # one side stacked, the other per expert: the identity plan paired none of these experts
+    relayout = {layer for layer, (b, m) in layers.items() if b.stacked != m.stacked and layer not in sliced}
+    if all(f.is_identity for f in fits) and not slice_fits and not relayout:
         return None
     pairs = list(plan.pairs)
     paired_names: set[str] = set()
     params = [0, 0]                                   # searched, aligned (the base's expert and router tensors)
+    repaired = 0
     for fit in fits:
         b, m = layers[fit.layer]
-        names = [n for e in b.experts.values() for n in e.values()] + ([b.router] if b.router else [])
-        n = sum(base.inventory[x].numel for x in names)
+        n = sum(v.numel for e in b.experts.values() for v in e.values()) + (
+            base.inventory[b.router].numel if b.router else 0)
         params[0] += n
-        if (fit.recovered or apply_all) and not fit.is_identity:
-            pairs, done = _apply(pairs, fit, b, m, base, model, bkeys, template)
+        mapped = (fit.recovered or apply_all) and not fit.is_identity
+        if mapped or fit.layer in relayout:
+            pairs, done = _apply(pairs, fit, b, m, base, model, template, by_index=not mapped)
+            paired_names |= done
+            params[1] += n if mapped else 0
+            repaired += not mapped
+    for fit in slice_fits:
+        b, m = layers[fit.layer]
+        n = sum(v.numel for v in b.experts[-1].values())
+        params[0] += n
+        if fit.recovered or apply_all:
+            pairs, done = S.apply_slices(pairs, fit, b, m, base, template)
             paired_names |= done
             params[1] += n
     unmatched = tuple(u for u in plan.unmatched if u.name not in paired_names)
-    summary = {"experts": _summary(fits, sketch, draws, sample, stacked, params)}
-    lines = _lines(fits) + ([f"stacked expert tensors ({', '.join(stacked)}): experts not searched (per-expert "
-                             "tensors only)"] if stacked else [])
+    summary = {"experts": _summary(fits, sketch, draws, sample, stacked, params, slice_fits, repaired)}
+    lines = _lines(fits) + S.lines(slice_fits)
+    if repaired:
+        lines.append(f"stacked experts ({', '.join(stacked['searched'])}) against per-expert tensors: paired expert by "
+                     f"expert by index in {repaired} layers (no expert map applied there)")
+    if stacked["not_searched"]:
+        lines.append(f"stacked expert tensors ({', '.join(stacked['not_searched'])}): experts not searched "
+                     "(stored transposed or without a declared split)")
     new_summary = dict(plan.summary)
     new_summary.update(summary)
     return AlignmentPlan(tuple(pairs), unmatched, new_summary, plan.notes + tuple(lines)), summary, lines
 
 
-def _apply(pairs: list[PairSpec], fit: ExpertLayerFit, b: _Side, m: _Side, base, model, bkeys, template):
-    """Re-pair this layer's expert tensors and map its router; returns the new pair list and names now paired."""
+def experts_relayout(base, model, plan: AlignmentPlan) -> bool:
+    """Whether some MoE layer stores its routed experts stacked on one side and one tensor per expert on the other:
+    ``plan`` (the identity plan) pairs none of them there, so the comparison runs the expert search to pair them."""
+    if {u.side for u in plan.unmatched} != {"base", "model"}:
+        return False
+    kb, _, _ = keyed(base)
+    km, _, _ = keyed(model)
+    if not any(k.role in STACKED for k in list(kb) + list(km)):
+        return False
+    layers, _ = _sides(kb, km, base, model)
+    return any(b.stacked != m.stacked and -1 not in b.experts for b, m in layers.values())
+
+
+def _apply(pairs: list[PairSpec], fit: ExpertLayerFit, b: _Side, m: _Side, base, model, template, *,
+           by_index: bool = False):
+    """Re-pair this layer's expert tensors and map its router; returns the new pair list and names now paired.
+
+    by_index: pair base expert e with model expert e, no map (one side stacked, the other not: the identity plan
+    could not pair them); the router and its vectors are left as the identity plan paired them.
+    """
     mex = np.asarray(fit.model_experts)
     by_base = {p.base_name: i for i, p in enumerate(pairs)}
     out = list(pairs)
     added: list[PairSpec] = []
     names: set[str] = set()
+    stacked_base: set[str] = set()
     fitted = "expert map fitted on ffn_down_exp Gram sketches"
     for role in EXPERT_ROLES:
         writer = role == "ffn_down_exp"
         for bi, be in enumerate(fit.base_experts):
-            bname = b.experts[be].get(role)
-            if bname is None:
+            bview = b.experts[be].get(role)
+            if bview is None:
                 continue
-            targets = ([int(mex[fit.mapping[bi]])] if not fit.upcycled else
+            targets = ([be] if by_index else [int(mex[fit.mapping[bi]])] if not fit.upcycled else
                        [int(mex[j]) for j in np.argsort(-fit.model_similarity)])
             for rank, me in enumerate(targets):
-                mname = m.experts.get(me, {}).get(role)
-                if mname is None:
+                mview = m.experts.get(me, {}).get(role)
+                if mview is None:
                     continue
                 copy = rank > 0
                 note = (f"{fitted}: reported, not evidence" if writer else f"{fitted}: held out here")
                 if copy:
                     note = "further upcycled copy of the same base tensor: counted once, reported, not evidence"
                 evidence = not (writer or copy)
-                if bname in by_base and not fit.upcycled:
-                    i = by_base[bname]
-                    new = replace(out[i], cand_name=mname, evidence=out[i].evidence and evidence,
+                if by_index:
+                    note, evidence = "stacked and per-expert storage paired expert by expert (same index)", True
+                if bview.name in by_base and not fit.upcycled and not bview.stacked and not mview.stacked:
+                    i = by_base[bview.name]
+                    new = replace(out[i], cand_name=mview.name, evidence=out[i].evidence and evidence,
                                   note=note if not out[i].note else f"{out[i].note}; {note}")
                     out[i] = new
                 else:
-                    new = _pair(base, model, bkeys[bname], bname, mname, template, writer=writer, note=note,
-                                evidence=evidence)
+                    new = _pair(base, model, bview, mview, template, writer=writer, note=note, evidence=evidence)
                     if new is None:
                         continue
                     added.append(new)
-                names |= {bname, mname}
+                    if bview.stacked:
+                        stacked_base.add(bview.name)
+                names |= {bview.name, mview.name}
     perm = np.asarray(fit.mapping, dtype=np.int64)
-    if b.router and m.router and not fit.upcycled:
+    if b.router and m.router and not fit.upcycled and not by_index:
         note = "router rows mapped by the expert map (fitted on ffn_down_exp): held out here"
         if b.router in by_base:
             i = by_base[b.router]
@@ -430,13 +572,16 @@ def _apply(pairs: list[PairSpec], fit: ExpertLayerFit, b: _Side, m: _Side, base,
         for i, p in enumerate(out):
             if p.is_vector and p.layer == fit.layer and p.key.role in ROUTER_VECTORS and p.n_cols == len(perm):
                 out[i] = map_cols(p, mex[perm], note="mapped by the expert map")
+    # a stacked base tensor now paired expert by expert: its whole-tensor identity pair goes
+    out = [p for p in out if not (p.base_name in stacked_base and p.key.role in STACKED)]
     return out + added, names
 
 
-def _summary(fits: list[ExpertLayerFit], sketch, draws, sample, stacked, params: list[int]) -> dict:
+def _summary(fits: list[ExpertLayerFit], sketch, draws, sample, stacked: dict, params: list[int],
+             slice_fits=(), repaired: int = 0) -> dict:
     matched = sum(int((f.mapping >= 0).sum()) for f in fits if f.recovered)    # in layers whose map beat the null
     total = sum(len(f.base_experts) for f in fits)
-    return {
+    out = {
         "method": "experts matched by linear assignment on the Pearson of off-diagonal Gram entries of their "
                   "unit-normalised ffn_down columns (order- and scale-invariant expert sketch); router held out; "
                   "tested split-half against a coupling-matched simulated null",
@@ -447,10 +592,19 @@ def _summary(fits: list[ExpertLayerFit], sketch, draws, sample, stacked, params:
         "upcycled_layers": sum(f.upcycled and f.recovered for f in fits),
         "router_consistent": sum(bool(f.router_consistent) for f in fits),
         "router_checked": sum(f.router_consistent is not None for f in fits),
-        "stacked_not_searched": stacked,
+        "stacked_searched": stacked["searched"], "stacked_not_searched": stacked["not_searched"],
+        "repaired_layers": repaired,
         "sketch": sketch.to_dict(), "null_draws": draws, "sample": sample,
         "layers": [f.to_dict() for f in fits],
     }
+    if slice_fits:      # experts cut from the dense MLP's units (alignment.slices): matched unit by unit
+        from hf_provenance.alignment import slices as S
+
+        out["layers_searched"] += len(slice_fits)
+        out["recovered"] += sum(f.recovered for f in slice_fits)
+        out["upcycled_layers"] += sum(f.recovered for f in slice_fits)
+        out["slices"] = S.summary(slice_fits)
+    return out
 
 
 def _lines(fits: list[ExpertLayerFit]) -> list[str]:

@@ -133,6 +133,7 @@ ARCH_BY_MODEL_TYPE: dict[str, str] = {
     "phi": "phi2",
     "phi3": "phi3",  # fused qkv_proj and gate_up_proj (see layouts.py)
     "gpt2": "gpt2",  # Conv1D: weights stored [in, out] (see layouts.py)
+    "gpt_bigcode": "starcoder",  # llama.cpp converts GPT-BigCode (StarCoder 1) as starcoder
     "gpt_neox": "gptneox",
     "gptj": "gptj",
     "falcon": "falcon",

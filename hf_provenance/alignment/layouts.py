@@ -27,7 +27,7 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from typing import Any
 
-__all__ = ["FusedSplit", "Layout", "LAYOUTS", "layout_for"]
+__all__ = ["FusedSplit", "Layout", "LAYOUTS", "CONFIG_VARIANTS", "layout_for", "layout_for_config"]
 
 SPLIT_MODES = ("concat", "interleave", "per_head")
 SIZE_SYMBOLS = ("q", "kv", "equal")  # q: n_heads*head_dim, kv: n_kv_heads*head_dim, equal: total/len(pieces)
@@ -248,6 +248,16 @@ LAYOUTS: dict[str, Layout] = {
         rotary_roles=(),
         norm="layernorm",
     ),
+    # GPT-BigCode (StarCoder): nn.Linear. Without multi_query, c_attn's output is viewed as (heads, 3 x head_dim):
+    # [q_h; k_h; v_h] per head; with multi_query (one KV head) see CONFIG_VARIANTS.
+    "gpt_bigcode": Layout(
+        "gpt_bigcode",
+        note="nn.Linear; c_attn rows are [q_h; k_h; v_h] per head h (multi_query=False); learned positions; LayerNorm",
+        fused=_fused(FusedSplit("attn_qkv", ("attn_q", "attn_k", "attn_v"), "per_head", ("equal",) * 3)),
+        rotary=None,
+        rotary_roles=(),
+        norm="layernorm",
+    ),
     "gpt_neox": Layout(
         "gpt_neox",
         note="query_key_value rows are [q_h; k_h; v_h] per head h; partial rotate_half rotary; LayerNorm",
@@ -282,6 +292,28 @@ FALLBACK_LAYOUT = replace(
     note="no declared layout: assumed llama-like (nn.Linear [out, in], rotate_half rotary, RMSNorm, default fused "
          "splits); verify before trusting a fused split or rotary permutation",
 )
+
+
+# Families whose storage depends on a config flag: (model_type, config field, value that selects the row, the field's
+# default when config.json omits it, the layout to use instead of LAYOUTS[model_type]).
+CONFIG_VARIANTS: tuple[tuple[str, str, Any, Any, Layout], ...] = (
+    ("gpt_bigcode", "multi_query", True, True, replace(
+        LAYOUTS["gpt_bigcode"],
+        note="nn.Linear; multi_query: c_attn rows are [q (heads x head_dim); k (head_dim); v (head_dim)]; learned "
+             "positions; LayerNorm",
+        fused=_fused(FusedSplit("attn_qkv", ("attn_q", "attn_k", "attn_v"), "concat", ("q", "kv", "kv"))))),
+)
+
+
+def layout_for_config(config: dict[str, Any] | None) -> Layout:
+    """The declared layout for a config.json dict: ``layout_for(model_type)`` unless a ``CONFIG_VARIANTS`` row
+    matches (GPT-BigCode's fused c_attn is per head without ``multi_query``, concatenated with it)."""
+    cfg = config or {}
+    mt = str(cfg.get("model_type", "") or "").strip().lower()
+    for model_type, name, value, default, layout in CONFIG_VARIANTS:
+        if mt == model_type and cfg.get(name, default) == value:
+            return layout
+    return layout_for(mt)
 
 
 def layout_for(model_type: str) -> Layout:

@@ -15,14 +15,22 @@ import numpy as np
 
 # What an axis of a tensor means for the null (DESIGN §Statistics 1): only "arbitrary" axes may be permuted.
 ARBITRARY, VOCAB, POSITION, ROTARY, TYPE = "arbitrary", "vocab", "position", "rotary", "type"
+# Tokens of PairSpec.layout (";"-separated) that measurement acts on: that side is stored [.., in, out] (GPT-2
+# Conv1D) and its rows are read from the transposed view [.., out, in] (measurement/transposed.py).
+TRANSPOSE_BASE, TRANSPOSE_CAND = "transpose:base", "transpose:cand"
 
 
 @dataclass(frozen=True, eq=False)
 class PairSpec:
     """One comparison: base tensor vs candidate tensor.
 
-    base_rows/cand_rows: int arrays of equal length selecting rows of each 2-D view (None = all rows, in order).
+    base_rows/cand_rows: int arrays of equal length selecting rows of each 2-D view (None = all rows, in order);
+    for a 1-D pair they select elements (a fused bias split into its pieces). A side marked transposed in ``layout``
+    is indexed in its transposed view ``[.., out, in]`` flattened to 2-D.
     col_map: candidate column for each base column (None = identity). col_sign: ±1 per base column or None.
+    base_cols: base columns compared (None = all, in order), for a candidate that holds a subset of the base's
+    columns (an expert cut from a dense MLP's units: the dense ffn_down's columns of that slice); col_map and
+    col_sign then index the compared columns.
     axes: meaning of (row axis, column axis) for the null; 1-D tensors have a single-entry tuple.
     """
 
@@ -38,9 +46,11 @@ class PairSpec:
     col_map: np.ndarray | None = None
     col_sign: np.ndarray | None = None
     row_sign: np.ndarray | None = None   # ±1 per compared row (residual sign flips on a row axis)
+    col_scale: np.ndarray | None = None  # factor per compared column on the candidate (after col_map, as col_sign)
     evidence: bool = True                # False when a map was fitted on this tensor (no valid null left)
-    layout: str | None = None      # e.g. "transpose", "split:0:128" (fused tensors), "rotary:interleaved"
+    layout: str | None = None      # ";"-joined: "transpose:base" / "transpose:cand", "split:attn_qkv:concat>per_head"
     note: str | None = None
+    base_cols: np.ndarray | None = None
 
     @property
     def n_rows(self) -> int:
@@ -53,6 +63,12 @@ class PairSpec:
     @property
     def numel(self) -> int:
         return self.n_rows * self.n_cols
+
+    @property
+    def transposed(self) -> tuple[bool, bool]:
+        """Whether the (base, candidate) tensor is read through its transposed view (see ``layout``)."""
+        tokens = set((self.layout or "").split(";"))
+        return TRANSPOSE_BASE in tokens, TRANSPOSE_CAND in tokens
 
     @property
     def is_vector(self) -> bool:

@@ -14,7 +14,7 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
-from scipy.optimize import linear_sum_assignment
+from hf_provenance.alignment.assignment import linear_sum_assignment
 
 from hf_provenance.alignment import keys as K
 from hf_provenance.alignment.plan import AlignmentPlan, PairSpec

@@ -44,7 +44,7 @@ from dataclasses import dataclass, field, replace
 
 import numpy as np
 import torch
-from scipy.optimize import linear_sum_assignment
+from hf_provenance.alignment.assignment import linear_sum_assignment
 
 from hf_provenance.alignment import nulls as N
 from hf_provenance.alignment.plan import AlignmentPlan, PairSpec
@@ -190,19 +190,23 @@ def grouped_assign(sim: np.ndarray, group: int) -> tuple[np.ndarray, np.ndarray]
 def read_rows(src, pair: PairSpec, positions: np.ndarray, *, side: str) -> torch.Tensor:
     """Rows ``positions`` of the pair's compared view, float32, in the base's index space.
 
-    side "base": base rows (through ``base_rows``); side "model": candidate rows through ``cand_rows``, then the
-    column map, column signs and row signs, exactly as the measurement stream applies them.
+    side "base": base rows (through ``base_rows``), columns through ``base_cols``; side "model": candidate rows
+    through ``cand_rows``, then the column map, column signs, column scales and row signs, exactly as the measurement stream
+    applies them.
     """
     positions = np.asarray(positions, dtype=np.int64)
     if side == "base":
         idx = positions if pair.base_rows is None else np.asarray(pair.base_rows)[positions]
-        return read_indexed(src.reader, pair.base_name, idx, 0, len(idx), raw=False).reshape(len(idx), -1)
+        x = read_indexed(src.reader, pair.base_name, idx, 0, len(idx), raw=False).reshape(len(idx), -1)
+        return x if pair.base_cols is None else x[:, torch.from_numpy(np.asarray(pair.base_cols, dtype=np.int64))]
     idx = positions if pair.cand_rows is None else np.asarray(pair.cand_rows)[positions]
     x = read_indexed(src.reader, pair.cand_name, idx, 0, len(idx), raw=False).reshape(len(idx), -1)
     if pair.col_map is not None:
         x = x[:, torch.from_numpy(np.asarray(pair.col_map, dtype=np.int64))]
     if pair.col_sign is not None:
         x = x * torch.from_numpy(np.asarray(pair.col_sign, dtype=np.float32))
+    if pair.col_scale is not None:
+        x = x * torch.from_numpy(np.asarray(pair.col_scale, dtype=np.float32))
     if pair.row_sign is not None:
         x = x * torch.from_numpy(np.asarray(pair.row_sign, dtype=np.float32)[positions]).unsqueeze(1)
     return x

@@ -67,6 +67,8 @@ class Context:
     config: dict[str, Any]
     source: dict[str, Any]  # the source folder's factory.json ({} for a folder the factory did not make)
     plan: dict[str, Any] = field(default_factory=dict)
+    scratch: dict[str, Any] = field(default_factory=dict)  # tensors a transform holds between calls (never written)
+    folder: Path | None = None  # the source checkpoint (for transforms that need another tensor, e.g. fold_norms)
 
     def generator(self, key: str) -> torch.Generator:
         """A generator seeded by (seed, transform, key): the same draws whatever the shard or tensor order."""
@@ -576,6 +578,42 @@ def _shuffle_prepare(ctx: Context) -> dict[str, Any]:
     return {}
 
 
+# transformers v5 stacked experts ([E, 2I, H] gate_up = [gate; up], [E, H, I] down; layouts.py): families whose
+# per-expert checkpoints name experts mlp.experts.<e>.{gate,up,down}_proj and whose v5 module loads the stacked names
+STACKABLE_MODEL_TYPES = frozenset({"qwen3_moe", "qwen2_moe", "deepseek_v3"})
+PER_EXPERT = re.compile(r"^(?P<head>model\.layers\.(?P<layer>\d+)\.mlp\.experts\.)(?P<expert>\d+)\."
+                        r"(?P<proj>gate_proj|up_proj|down_proj)\.weight$")
+
+
+def _stack_prepare(ctx: Context) -> dict[str, Any]:
+    mt = ctx.config.get("model_type")
+    if mt not in STACKABLE_MODEL_TYPES:
+        raise ValueError(f"stack_experts: model_type {mt!r} is not one of {sorted(STACKABLE_MODEL_TYPES)}")
+    return {"experts": _n_experts(ctx.config), "gate_up": "[E, 2I, H] = [gate; up]", "down": "[E, H, I]"}
+
+
+def _stack_experts(key: str, t: torch.Tensor, ctx: Context) -> list[tuple[str, torch.Tensor]]:
+    m = PER_EXPERT.match(key)
+    if m is None:
+        return [(key, t)]
+    held = ctx.scratch.setdefault(m.group("head"), {})
+    held[(int(m.group("expert")), m.group("proj"))] = t
+    n = ctx.plan["experts"]
+    if len(held) < 3 * n:
+        return []
+    del ctx.scratch[m.group("head")]
+    gate_up = torch.stack([torch.cat([held[e, "gate_proj"], held[e, "up_proj"]]) for e in range(n)])
+    down = torch.stack([held[e, "down_proj"] for e in range(n)])
+    head = m.group("head")
+    return [(head + "gate_up_proj", gate_up.contiguous()), (head + "down_proj", down.contiguous())]
+
+
+def _stack_config(config: dict[str, Any], ctx: Context) -> dict[str, Any]:
+    if ctx.scratch:   # runs after every tensor was seen: a layer missing expert tensors never goes unnoticed
+        raise ValueError(f"stack_experts: incomplete experts in {sorted(ctx.scratch)}")
+    return config
+
+
 DENSE_MLP = re.compile(r"^model\.layers\.(?P<layer>\d+)\.mlp\.(?P<proj>gate_proj|up_proj|down_proj)\.weight$")
 MIXTRAL_PROJ = {"gate_proj": "w1", "up_proj": "w3", "down_proj": "w2"}
 LLAMA_ONLY_FIELDS = ("mlp_bias", "pretraining_tp", "attention_bias")  # Llama config fields Mixtral's lacks
@@ -615,6 +653,248 @@ def _upcycle_config(config: dict[str, Any], ctx: Context) -> dict[str, Any]:
                    "router_aux_loss_coef": 0.001, "router_jitter_noise": 0.0, "output_router_logits": False,
                    "sliding_window": None})
     return config
+
+
+def _upcycle_slices_prepare(ctx: Context) -> dict[str, Any]:
+    """Which dense units each expert takes, per layer (the ground truth): slice e mod `slices` for expert e."""
+    plan = _upcycle_prepare(Context(ctx.name, {"experts": ctx.params["n_experts"], "top_k": ctx.params["top_k"]},
+                                    ctx.seed, ctx.config, ctx.source))
+    e, n_inter = plan["experts"], int(ctx.config["intermediate_size"])
+    s = int(ctx.params["slices"] or e)
+    if s < 1 or e % s or n_inter % s:
+        raise ValueError(f"upcycle_slices: slices={s} must divide n_experts={e} and intermediate_size={n_inter}")
+    size = n_inter // s
+    units = {}
+    for layer in range(int(ctx.config["num_hidden_layers"])):
+        order = (torch.randperm(n_inter, generator=ctx.generator(f"layer{layer}.units"))
+                 if ctx.params["shuffle"] else torch.arange(n_inter))
+        units[f"layer{layer}"] = [order[(x % s) * size:(x % s + 1) * size].tolist() for x in range(e)]
+    return {**plan, "mode": "slices", "slices": s, "slice_units": size, "units": units}
+
+
+def _upcycle_slices(key: str, t: torch.Tensor, ctx: Context) -> list[tuple[str, torch.Tensor]]:
+    m = DENSE_MLP.match(key)
+    if m is None:
+        return [(key, t)]
+    layer, proj = m.group("layer"), m.group("proj")
+    prefix = f"model.layers.{layer}.block_sparse_moe."
+    out = []
+    for e, units in enumerate(ctx.plan["units"][f"layer{layer}"]):
+        idx = torch.tensor(units)
+        part = t.index_select(1 if proj == "down_proj" else 0, idx).contiguous()
+        name = f"{prefix}experts.{e}.{MIXTRAL_PROJ[proj]}.weight"
+        out.append((name, _with_noise(name, part, ctx)))
+    if proj == "gate_proj":
+        router = torch.randn((ctx.plan["experts"], t.shape[1]), generator=ctx.generator(f"{prefix}gate"))
+        out.append((f"{prefix}gate.weight", (router * float(ctx.params["router_std"])).to(t.dtype)))
+    return out
+
+
+def _upcycle_slices_config(config: dict[str, Any], ctx: Context) -> dict[str, Any]:
+    config = _upcycle_config(config, ctx)
+    config["intermediate_size"] = ctx.plan["slice_units"]
+    return config
+
+
+# ---- layout re-parametrisations: rotary row order, folded norms ------------------------------------------------
+
+ROTARY_TENSORS = re.compile(r"^model\.layers\.(?P<layer>\d+)\.self_attn\.(?P<proj>q_proj|k_proj)\.(?:weight|bias)$")
+QK_NORMS = re.compile(r"^model\.layers\.(?P<layer>\d+)\.self_attn\.(?:q_norm|k_norm)\.weight$")  # Qwen3: per head dim
+
+
+def _rotary_prepare(ctx: Context) -> dict[str, Any]:
+    if ctx.config.get("kv_lora_rank"):
+        raise ValueError("rotary_reorder: MLA checkpoints (kv_lora_rank) are not supported (rope rows are a slice)")
+    lay = _head_layout(ctx.config)
+    hd = lay["block"]["q"]
+    frac = ctx.config.get("partial_rotary_factor") or (ctx.config.get("rope_parameters") or {}).get(
+        "partial_rotary_factor") or 1.0
+    rot = int(hd * float(frac))
+    if rot < 2 or rot % 2:
+        raise ValueError(f"rotary_reorder: {rot} rotary dims per head (head_dim {hd} x {frac}) is not even and >= 2")
+    return {"order": "half->interleaved", "heads": lay["heads"], "kv_heads": lay["kv"], "head_dim": hd,
+            "rotary_dims": rot}
+
+
+def _half_to_interleaved(t: torch.Tensor, n_heads: int, head_dim: int, rot: int) -> torch.Tensor:
+    """llama.cpp's convert_hf_to_gguf ``permute``: inside each head, rotary rows [x_0..x_{r/2-1}, y_0..y_{r/2-1}]
+    (HF rotate_half pairs i with i + r/2) become [x_0, y_0, x_1, y_1, ...] (GGUF/Meta pairs 2i, 2i+1)."""
+    rest = tuple(t.shape[1:])
+    x = t.reshape(n_heads, head_dim, *rest)
+    r = x[:, :rot].reshape(n_heads, 2, rot // 2, *rest).transpose(1, 2).reshape(n_heads, rot, *rest)
+    return torch.cat([r, x[:, rot:]], 1).reshape(t.shape).contiguous()
+
+
+def _rotary_reorder(key: str, t: torch.Tensor, ctx: Context) -> list[tuple[str, torch.Tensor]]:
+    p = ctx.plan
+    m = ROTARY_TENSORS.match(key)
+    if m:
+        t = _half_to_interleaved(t, p["heads"] if m.group("proj") == "q_proj" else p["kv_heads"], p["head_dim"],
+                                 p["rotary_dims"])
+    elif QK_NORMS.match(key):
+        t = _half_to_interleaved(t, 1, p["head_dim"], p["rotary_dims"])
+    return [(key, _with_noise(key, t, ctx))]
+
+
+LAYER_KEY = re.compile(r"^(?P<prefix>model\.layers\.\d+\.)(?P<rest>.+)$")
+# RMSNorm (inside a layer) -> the matrices that read its output: W·diag(g) keeps the function when g is set to 1.
+NORM_READERS: dict[str, re.Pattern] = {norm: re.compile(p) for norm, p in {
+    "input_layernorm.weight": r"^self_attn\.(?:q_proj|k_proj|v_proj|q_a_proj|kv_a_proj_with_mqa)\.weight$",
+    "post_attention_layernorm.weight": r"^(?:mlp|block_sparse_moe)\.(?:gate\.weight|shared_expert_gate\.weight|"
+                                       r"(?:shared_experts?\.)?(?:experts\.\d+\.)?(?:gate_proj|up_proj)\.weight|"
+                                       r"experts\.\d+\.(?:w1|w3)\.weight|experts\.gate_up_proj)$",
+    "self_attn.q_a_layernorm.weight": r"^self_attn\.q_b_proj\.weight$",           # MLA
+    "self_attn.kv_a_layernorm.weight": r"^self_attn\.kv_b_proj\.weight$",         # MLA
+}.items()}
+FINAL_NORM, LM_HEAD = "model.norm.weight", "lm_head.weight"
+
+
+def _fold_prepare(ctx: Context) -> dict[str, Any]:
+    """Which norm folds into which matrices (the ground truth), from the source's tensor names."""
+    from safetensors import safe_open
+
+    mt = str(ctx.config.get("model_type", ""))
+    if mt not in GATED_MODEL_TYPES:  # the gated families here all use RMSNorm scaling by w (no 1 + w offset)
+        raise ValueError(f"fold_norms: model_type {mt!r} is not an RMSNorm family with a plain weight "
+                         f"({sorted(GATED_MODEL_TYPES)})")
+    names = []
+    for f in shard_files(ctx.folder):
+        with safe_open(str(f), "pt") as fh:
+            names += list(fh.keys())
+    readers: dict[str, str] = {}
+    for name in names:
+        m = LAYER_KEY.match(name)
+        if m:
+            for norm, pattern in NORM_READERS.items():
+                if pattern.match(m.group("rest")) and m.group("prefix") + norm in names:
+                    readers[name] = m.group("prefix") + norm
+    tied = bool(ctx.config.get("tie_word_embeddings"))
+    if FINAL_NORM in names and LM_HEAD in names and not tied:
+        readers[LM_HEAD] = FINAL_NORM
+    folded = sorted(set(readers.values()))
+    unfolded = sorted(n for n in names if n.endswith("norm.weight") and n not in folded)
+    return {"readers": readers, "folded": folded, "unfolded": unfolded}
+
+
+def _read_tensor(folder: Path, name: str) -> torch.Tensor:
+    from safetensors import safe_open
+
+    for f in shard_files(folder):
+        with safe_open(str(f), "pt") as fh:
+            if name in fh.keys():  # noqa: SIM118 - safe_open has keys(), no __contains__
+                return fh.get_tensor(name)
+    raise KeyError(f"{folder}: no tensor {name!r}")
+
+
+def _fold_norms(key: str, t: torch.Tensor, ctx: Context) -> list[tuple[str, torch.Tensor]]:
+    if key in ctx.plan["folded"]:
+        return [(key, torch.ones_like(t))]
+    norm = ctx.plan["readers"].get(key)
+    if norm is not None:
+        g = _read_tensor(ctx.folder, norm).float()
+        t = (t.float() * g).to(t.dtype)          # columns (the last axis) read the normalised residual
+    return [(key, _with_noise(key, t.contiguous(), ctx))]
+
+
+# ---- the same weights stored as another family stores them: fused tensors, Conv1D -----------------------------
+
+# Llama-style pieces -> Phi-3's fused tensors: (piece pattern, fused name, pieces in fused order). Phi-3's attention
+# slices qkv_proj's output as [q (heads x hd); k (kv x hd); v (kv x hd)]; its MLP does gate, up = chunk(2).
+PHI3_FUSE: tuple[tuple[re.Pattern, str, tuple[str, ...]], ...] = (
+    (re.compile(r"^(?P<prefix>model\.layers\.\d+\.self_attn\.)(?P<piece>q|k|v)_proj\.(?P<part>weight)$"),
+     "{prefix}qkv_proj.{part}", ("q", "k", "v")),
+    (re.compile(r"^(?P<prefix>model\.layers\.\d+\.mlp\.)(?P<piece>gate|up)_proj\.(?P<part>weight)$"),
+     "{prefix}gate_up_proj.{part}", ("gate", "up")),
+)
+PHI3_CONFIG_DROP = ("attention_bias", "mlp_bias", "pretraining_tp", "head_dim", "architectures")
+
+
+def _fused_prepare(ctx: Context) -> dict[str, Any]:
+    c = ctx.config
+    if c.get("model_type") != "llama" or c.get("attention_bias") or c.get("mlp_bias"):
+        raise ValueError(f"fused_layout: needs a Llama checkpoint without q/k/v or MLP biases (Phi-3 has none), got "
+                         f"model_type={c.get('model_type')!r}, attention_bias={c.get('attention_bias')!r}, "
+                         f"mlp_bias={c.get('mlp_bias')!r}")
+    lay = _head_layout(c)
+    hd = lay["block"]["q"]
+    if hd * lay["heads"] != int(c["hidden_size"]):
+        raise ValueError(f"fused_layout: Phi-3 derives head_dim from hidden_size / heads; {lay['heads']} x {hd} "
+                         f"!= hidden_size {c['hidden_size']}")
+    return {"source": "llama", "target": "phi3",
+            "fused": {"qkv_proj": ["q_proj", "k_proj", "v_proj"], "gate_up_proj": ["gate_proj", "up_proj"]},
+            "qkv_rows": [lay["heads"] * hd, lay["kv"] * hd, lay["kv"] * hd],
+            "gate_up_rows": [int(c["intermediate_size"])] * 2}
+
+
+def _fused_layout(key: str, t: torch.Tensor, ctx: Context) -> list[tuple[str, torch.Tensor]]:
+    """The first piece of a group writes the fused tensor (reading its partners from the source); the others
+    write nothing."""
+    for pattern, fused_name, pieces in PHI3_FUSE:
+        m = pattern.match(key)
+        if m is None:
+            continue
+        if m.group("piece") != pieces[0]:
+            return []
+        prefix, part = m.group("prefix"), m.group("part")
+        parts = [t] + [_read_tensor(ctx.folder, f"{prefix}{p}_proj.{part}") for p in pieces[1:]]
+        name = fused_name.format(prefix=prefix, part=part)
+        return [(name, _with_noise(name, torch.cat(parts, 0).contiguous(), ctx))]
+    return [(key, _with_noise(key, t, ctx))]
+
+
+def _fused_config(config: dict[str, Any], ctx: Context) -> dict[str, Any]:
+    out = {k: v for k, v in config.items() if k not in PHI3_CONFIG_DROP}
+    out.update(model_type="phi3", architectures=["Phi3ForCausalLM"], pad_token_id=config.get("pad_token_id"))
+    return out
+
+
+# GPT-2 Conv1D modules ([in, out]) -> GPT-BigCode nn.Linear ([out, in]); c_attn's output rows go from [q; k; v]
+# (GPT-2 splits the output in thirds) to [q_h; k_h; v_h] per head (BigCode without multi_query views the output as
+# (heads, 3 x head_dim)).
+CONV1D = re.compile(r"^(?P<prefix>(?:transformer\.)?h\.\d+\.)(?P<module>attn\.c_attn|attn\.c_proj|mlp\.c_fc|"
+                    r"mlp\.c_proj)\.(?P<part>weight|bias)$")
+GPT2_BUFFERS = re.compile(r"^(?:transformer\.)?h\.\d+\.attn\.(?:bias|masked_bias)$")
+BIGCODE_CONFIG_KEEP = ("vocab_size", "n_positions", "n_embd", "n_layer", "n_head", "n_inner", "activation_function",
+                       "resid_pdrop", "embd_pdrop", "attn_pdrop", "layer_norm_epsilon", "initializer_range",
+                       "scale_attn_weights", "use_cache", "bos_token_id", "eos_token_id", "pad_token_id",
+                       "tie_word_embeddings", "dtype", "torch_dtype")
+
+
+def _conv1d_prepare(ctx: Context) -> dict[str, Any]:
+    c = ctx.config
+    if c.get("model_type") != "gpt2":
+        raise ValueError(f"conv1d_to_linear: needs a GPT-2 checkpoint, got model_type={c.get('model_type')!r}")
+    if c.get("scale_attn_by_inverse_layer_idx") or c.get("add_cross_attention"):
+        raise ValueError("conv1d_to_linear: GPT-BigCode has no scale_attn_by_inverse_layer_idx / cross-attention")
+    heads, hidden = int(c["n_head"]), int(c["n_embd"])
+    return {"source": "gpt2", "target": "gpt_bigcode", "multi_query": False, "heads": heads,
+            "head_dim": hidden // heads, "transposed": ["attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj"],
+            "c_attn_rows": "[q; k; v] -> [q_h; k_h; v_h] per head"}
+
+
+def _per_head(t: torch.Tensor, heads: int, head_dim: int) -> torch.Tensor:
+    """Rows [q; k; v] (each heads x head_dim) -> [q_0; k_0; v_0; q_1; ...]."""
+    rest = tuple(t.shape[1:])
+    return t.reshape(3, heads, head_dim, *rest).transpose(0, 1).reshape(t.shape).contiguous()
+
+
+def _conv1d_to_linear(key: str, t: torch.Tensor, ctx: Context) -> list[tuple[str, torch.Tensor]]:
+    if GPT2_BUFFERS.match(key):
+        return []  # causal-mask buffers of old GPT-2 checkpoints: BigCode builds its mask
+    m = CONV1D.match(key)
+    if m is not None:
+        if m.group("part") == "weight":
+            t = t.T
+        if m.group("module") == "attn.c_attn":
+            t = _per_head(t, ctx.plan["heads"], ctx.plan["head_dim"])
+        t = t.contiguous()
+    return [(key, _with_noise(key, t, ctx))]
+
+
+def _conv1d_config(config: dict[str, Any], ctx: Context) -> dict[str, Any]:
+    out = {k: config[k] for k in BIGCODE_CONFIG_KEEP if k in config}
+    out.update(model_type="gpt_bigcode", architectures=["GPTBigCodeForCausalLM"], multi_query=False)
+    return out
 
 
 TRANSFORMS: dict[str, Transform] = {t.name: t for t in [
@@ -670,12 +950,53 @@ TRANSFORMS: dict[str, Transform] = {t.name: t for t in [
               {"noise": 0.0},
               {"verdict": "derived", "relation": ["permuted"], "direction_evident": False},
               "finetune", _shuffle_experts, prepare=_shuffle_prepare),
+    Transform("stack_experts", "Per-expert routed-expert tensors rewritten as transformers v5 stacked tensors "
+              "(mlp.experts.gate_up_proj [E, 2I, H] = [gate; up] per expert, mlp.experts.down_proj [E, H, I]); "
+              "the same numbers, function unchanged.",
+              {}, {"verdict": "identical", "relation": ["copy"], "direction_evident": False},
+              "finetune", _stack_experts, prepare=_stack_prepare, config=_stack_config),
     Transform("upcycle", "Dense Llama -> Mixtral: every expert a copy of the layer's dense MLP (plus `noise` x "
               "std per expert), a random router (`router_std`); `experts` experts, `top_k` per token; with "
               "noise 0 the function is unchanged (Mixtral's top-k weights sum to one).",
               {"experts": 4, "top_k": 2, "noise": 0.0, "router_std": 0.02},
               {"verdict": "derived", "relation": ["upcycled"], "direction_evident": True},
               "finetune", _upcycle, prepare=_upcycle_prepare, config=_upcycle_config),
+    Transform("rotary_reorder", "Q/K rows of every head permuted from HF rotate_half order to interleaved (GGUF/"
+              "Meta) order, as llama.cpp's HF->GGUF converter `permute` does (the rotary part only under partial "
+              "rotary; q/k biases and Qwen3 q_norm/k_norm follow); config unchanged, so transformers would need "
+              "the reverse permutation to run it (a layout mismatch); then `noise`. Plan: heads, head_dim, "
+              "rotary_dims.",
+              {"noise": 0.0},
+              {"verdict": "derived", "relation": ["permuted"], "direction_evident": False},
+              "finetune", _rotary_reorder, prepare=_rotary_prepare),
+    Transform("fold_norms", "Every RMSNorm weight g folded into the matrices that read its output (W <- W diag(g): "
+              "q/k/v or MLA q_a/kv_a, gate/up/router/experts, q_b/kv_b, lm_head unless tied) and set to 1; "
+              "function-preserving; then `noise`. Plan: `readers` (matrix -> norm), `folded`, `unfolded`.",
+              {"noise": 0.0},
+              {"verdict": "derived", "relation": [], "direction_evident": False},
+              "finetune", _fold_norms, prepare=_fold_prepare),
+    Transform("upcycle_slices", "Dense Llama -> Mixtral from unit slices (LLaMA-MoE, fine-grained upcycling as in "
+              "Qwen1.5-MoE): each layer's intermediate units cut into `slices` slices (default: one per expert; "
+              "after a random permutation of the units when `shuffle`), expert e = slice e mod `slices` (its gate/up "
+              "rows, down columns), so `n_experts`/`slices` copies of each; then `noise` x std per expert; a random "
+              "router. Not function-preserving (a top-k weighted sum of slices). Truth: the plan's `units`.",
+              {"n_experts": 4, "slices": None, "noise": 0.0, "shuffle": False, "top_k": 2, "router_std": 0.02},
+              {"verdict": "derived", "relation": ["upcycled"], "direction_evident": True},
+              "finetune", _upcycle_slices, prepare=_upcycle_slices_prepare, config=_upcycle_slices_config),
+    Transform("fused_layout", "Llama -> Phi-3 storage: q/k/v_proj fused into qkv_proj = [q; k; v] and gate/up_proj "
+              "into gate_up_proj = [gate; up], every other tensor as is; config model_type phi3 (function "
+              "unchanged); then `noise` x each tensor's std (0: none, and the weights decode bit-equal once split: "
+              "identical; with noise: derived, finetune). Plan: pieces and their row counts.",
+              {"noise": 0.0},
+              {"verdict": "identical", "relation": ["copy"], "direction_evident": False},
+              "finetune", _fused_layout, prepare=_fused_prepare, config=_fused_config),
+    Transform("conv1d_to_linear", "GPT-2 -> GPT-BigCode (multi_query false) storage: Conv1D [in, out] weights "
+              "transposed to nn.Linear [out, in], c_attn rows reordered from [q; k; v] to [q_h; k_h; v_h] per head "
+              "(bias too), causal-mask buffers dropped; function unchanged; then `noise` (0: identical once "
+              "aligned; with noise: derived, finetune).",
+              {"noise": 0.0},
+              {"verdict": "identical", "relation": ["copy"], "direction_evident": False},
+              "finetune", _conv1d_to_linear, prepare=_conv1d_prepare, config=_conv1d_config),
 ]}
 
 
@@ -749,7 +1070,7 @@ def apply_transform(src_dir: str | Path, dst_dir: str | Path, name: str, *, seed
         raise FileExistsError(f"{dst}: destination is not empty")
     config = json.loads((src / "config.json").read_text(encoding="utf-8"))
     source = _read_meta(src)
-    ctx = Context(name, params, seed, dict(config), source)
+    ctx = Context(name, params, seed, dict(config), source, folder=src)
     ctx.plan = spec.prepare(ctx)
     shards = shard_files(src)
     headers = [_header(f) for f in shards]

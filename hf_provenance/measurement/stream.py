@@ -8,15 +8,17 @@ read on a background thread while the current one is computed (preadv and torch 
 from __future__ import annotations
 
 import zlib
-from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
 from hf_provenance.alignment.plan import ARBITRARY, AlignmentPlan, PairSpec
-from hf_provenance.measurement.accumulate import ByteHasher, PairAccumulator, SimHasher, row_hashes
-from hf_provenance.measurement.sampling import RowSample, block_rows, draw
+from hf_provenance.measurement.accumulate import ByteHasher, PairAccumulator, SideSums, SimHasher, row_hashes
+from hf_provenance.measurement.sampling import FULL_READ_CHUNK, RowSample, block_rows, draw
+from hf_provenance.measurement.transposed import TransposedRows
 from hf_provenance.sources.base import DTYPES
 
 # torch dtypes a higher-precision base can be re-rounded to, to detect an exact cast
@@ -90,7 +92,8 @@ def measure_pair(pair: PairSpec, base, cand, *, fraction: float | None, rng: np.
     sample = draw(pair.n_rows, n_cols * ia.itemsize, fraction, rng)
     scaled_a = _has_scale(base, pair.base_name)
     scaled_b = _has_scale(cand, pair.cand_name)
-    in_order = pair.base_rows is None and pair.cand_rows is None
+    trans = pair.transposed
+    in_order = pair.base_rows is None and pair.cand_rows is None and pair.base_cols is None and not any(trans)
     full_in_order = sample.full and in_order
     acc = PairAccumulator(
         n_cols=n_cols, keep_blocks=not sample.full,
@@ -105,16 +108,33 @@ def measure_pair(pair: PairSpec, base, cand, *, fraction: float | None, rng: np.
     want_rowhash = sample.full and pair.axes[0] == "vocab" and not pair.is_vector and pair.base_rows is not None
     rh_a, rh_b, vec_a, vec_b = [], [], [], []
 
-    sides = ((base, pair.base_name, pair.base_rows, scaled_a, ia, hash_a, sim_a),
-             (cand, pair.cand_name, pair.cand_rows, scaled_b, ib, hash_b, sim_b))
+    # a side stored [.., in, out] serves rows of its transposed view from a bounded column window
+    tviews = tuple(TransposedRows(src.reader, info) if t and not pair.is_vector else None
+                   for src, info, t in ((base, ia, trans[0]), (cand, ib, trans[1])))
+    sides = ((base, pair.base_name, pair.base_rows, scaled_a, ia, hash_a, sim_a, tviews[0]),
+             (cand, pair.cand_name, pair.cand_rows, scaled_b, ib, hash_b, sim_b, tviews[1]))
 
     # SHA-256 only answers "same stored bytes?": once a block differs (or the dtypes do) it stops hashing
     bytes_differ = [ia.dtype != ib.dtype]
 
-    def load(side, block):
+    # a side's own sums are taken on its loader thread unless the main thread still remaps its blocks
+    own_sums = (pair.base_cols is None,
+                pair.col_map is None and pair.col_sign is None and pair.col_scale is None and pair.row_sign is None)
+
+    def load(side, group):
+        xs = [read_block(side, block) for block in group]
+        x = xs[0] if len(xs) == 1 else torch.cat(xs)
+        which = "a" if side is sides[0] else "b"
+        return acc.side(x, which, len(group)) if own_sums[which == "b"] else x
+
+    def read_block(side, block):
         """Read one block of one side (each side on its own thread); hashes that need file order are fed here."""
-        src, name, idx, scaled, info, sha, sim = side
+        src, name, idx, scaled, info, sha, sim, tview = side
         s, e = block
+        if tview is not None:
+            return tview.rows(idx, s, e)
+        if pair.is_vector and idx is not None:  # a piece of a fused bias: its elements
+            return src.reader.read_rows(name, 0, 1).reshape(1, -1)[:, torch.from_numpy(np.asarray(idx))]
         if scaled:
             x = read_indexed(src.reader, name, idx, s, e, raw=False)
         else:
@@ -128,37 +148,50 @@ def measure_pair(pair: PairSpec, base, cand, *, fraction: float | None, rng: np.
             sim.update(x, s)
         return x
 
-    for side in sides:  # remote sources fetch the sampled blocks ahead, coalesced, several in flight
-        prefetch = getattr(side[0], "prefetch", None)
-        if prefetch is not None and sample.blocks:
-            idx = side[2]
-            prefetch([(side[1], int(a), int(b)) for a, b in sample.blocks] if idx is None else
-                     [(side[1], int(r), int(r) + 1) for a, b in sample.blocks for r in np.asarray(idx)[a:b]])
+    for side in sides:  # blocks ahead: remote sources fetch them coalesced, local ones hint the kernel
+        src, idx, tview = side[0], side[2], side[7]
+        prefetch = getattr(src, "prefetch", None)
+        if (prefetch is None or not sample.blocks or tview is not None or (pair.is_vector and idx is not None)
+                or (sample.full and not getattr(src, "prefetch_full_reads", True))):
+            continue
+        prefetch([(side[1], int(a), int(b)) for a, b in sample.blocks] if idx is None else
+                 [(side[1], int(r), int(r) + 1) for a, b in sample.blocks for r in np.asarray(idx)[a:b]])
 
-    with ThreadPoolExecutor(max_workers=2) as pool:
-        def submit(block):
-            return pool.submit(load, sides[0], block), pool.submit(load, sides[1], block)
+    # big blocks (full reads) are loaded on two threads, overlapping reads and per-side sums with the cross terms;
+    # small sampled blocks cost less inline than the hand-offs (their reads were hinted ahead above)
+    threaded = bool(sample.blocks) and sample.rows_read * max(ia.row_bytes, 1) >= len(sample.blocks) * FULL_READ_CHUNK
+    # inline, equal sampled blocks are measured several at a time (one call, the jackknife still sees each block)
+    groups = [[blk] for blk in sample.blocks] if threaded else _batches(sample.blocks, ia.row_bytes)
+    with (ThreadPoolExecutor(max_workers=2) if threaded else _Inline()) as pool, _intra_op_threads(1 if threaded else None):
+        def submit(group):
+            return pool.submit(load, sides[0], group), pool.submit(load, sides[1], group)
 
-        pending = submit(sample.blocks[0]) if sample.blocks else None
-        for i, block in enumerate(sample.blocks):
+        pending = submit(groups[0]) if groups else None
+        for i, group in enumerate(groups):
             a, b = pending[0].result(), pending[1].result()
-            if i + 1 < len(sample.blocks):
-                pending = submit(sample.blocks[i + 1])
+            if i + 1 < len(groups):
+                pending = submit(groups[i + 1])
+            if pair.base_cols is not None:
+                a = a[:, torch.from_numpy(np.asarray(pair.base_cols, dtype=np.int64))]
             if pair.col_map is not None:
                 b = b[:, torch.from_numpy(np.asarray(pair.col_map))]
             if pair.col_sign is not None:
                 b = b * torch.from_numpy(np.asarray(pair.col_sign, dtype=np.float32))
+            if pair.col_scale is not None:
+                b = b * torch.from_numpy(np.asarray(pair.col_scale, dtype=np.float32))
             if pair.row_sign is not None:
-                b = b * torch.from_numpy(np.asarray(pair.row_sign[block[0]:block[1]], dtype=np.float32)).unsqueeze(1)
+                signs = np.concatenate([np.asarray(pair.row_sign[s:e], dtype=np.float32) for s, e in group])
+                b = b * torch.from_numpy(signs).unsqueeze(1)
+            raw_a, raw_b = (x.raw if isinstance(x, SideSums) else x for x in (a, b))
             if want_rowhash:
-                rh_a.append(row_hashes(a, seed))
-                rh_b.append(row_hashes(b, seed))
+                rh_a.append(row_hashes(raw_a, seed))
+                rh_b.append(row_hashes(raw_b, seed))
             if pair.is_vector:
-                vec_a.append(a.reshape(-1).numpy().astype(np.float64))
-                vec_b.append(b.reshape(-1).numpy().astype(np.float64))
+                vec_a.append(raw_a.reshape(-1).cpu().numpy().astype(np.float64))
+                vec_b.append(raw_b.reshape(-1).cpu().numpy().astype(np.float64))
             equal_before = acc.equal
-            acc.update(a, b)
-            if acc.equal - equal_before != a.numel():
+            acc.update(a, b, blocks=len(group))
+            if acc.equal - equal_before != raw_a.numel():
                 bytes_differ[0] = True
     if hash_a is not None and hash_b is not None:
         if bytes_differ[0]:
@@ -174,6 +207,57 @@ def measure_pair(pair: PairSpec, base, cand, *, fraction: float | None, rng: np.
     if pair.is_vector:
         m.vec_a, m.vec_b = np.concatenate(vec_a), np.concatenate(vec_b)
     return m
+
+
+@contextmanager
+def _intra_op_threads(n: int | None):
+    """torch's intra-op threads set to ``n`` for a block loop (restored after): with two loader threads and the
+    main thread already busy, one torch thread each avoids oversubscribing the cores."""
+    if n is None or torch.get_num_threads() == n:
+        yield
+        return
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+BATCH_BYTES = 8 * 1024 * 1024  # stored bytes per side measured in one call on the inline path
+
+
+def _batches(blocks, row_bytes: int) -> list[list[tuple[int, int]]]:
+    """Consecutive blocks of equal length, up to BATCH_BYTES per group (a group's rows view as (B, k, n))."""
+    out: list[list[tuple[int, int]]] = []
+    for blk in blocks:
+        k = blk[1] - blk[0]
+        last = out[-1] if out else None
+        if (last and last[0][1] - last[0][0] == k
+                and (len(last) + 1) * k * max(row_bytes, 1) <= BATCH_BYTES):
+            last.append(blk)
+        else:
+            out.append([blk])
+    return out
+
+
+class _Inline:
+    """An executor that runs each call at once, in the caller's thread (Future-compatible results)."""
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        return None
+
+    @staticmethod
+    def submit(fn, *args) -> Future:
+        fut: Future = Future()
+        try:
+            fut.set_result(fn(*args))
+        except BaseException as exc:  # noqa: BLE001 - re-raised by .result() like a thread pool would
+            fut.set_exception(exc)
+        return fut
 
 
 def _has_scale(src, name: str) -> bool:
