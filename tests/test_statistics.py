@@ -177,3 +177,27 @@ def test_sampled_intervals_cover_the_full_value(sampled_pair):
     print(f"coverage {hits}/{n} = {hits / n:.3f}, mean fraction read {np.mean(fractions):.3f}")
     assert 0.90 <= hits / n <= 0.98, hits / n
     assert 0.08 < np.mean(fractions) < 0.13
+
+
+def test_simhash_and_sums_through_the_stream_equal_direct_ones(sampled_pair):
+    """The stream fuses the SimHash projection with the column sums on its loader threads: same digests and the
+    same Pearson as hashing and summing the tensors directly."""
+    from safetensors.torch import load_file
+
+    from hf_provenance.alignment.identity import identity_plan
+    from hf_provenance.measurement.stream import measure_plan
+    from hf_provenance.sources import open_model
+
+    base_dir, model_dir, direct_r = sampled_pair
+    base, model = open_model(base_dir), open_model(model_dir)
+    plan, _ = identity_plan(base, model)
+    (m,) = measure_plan(plan, base, model, fraction=None, seed=3)
+    for digest, folder in ((m.simhash_a, base_dir), (m.simhash_b, model_dir)):
+        x = next(iter(load_file(f"{folder}/model.safetensors").values()))
+        h = SimHasher(x.shape[1], seed=3)
+        for s in range(0, x.shape[0], 777):
+            h.update(x[s:s + 777], s)
+        assert digest == h.digest()
+    r = fx.ratio(*fx.centred_parts(m.acc.totals, m.acc.col_a.numpy(), m.acc.col_b.numpy(), 64))
+    assert r == pytest.approx(direct_r, abs=1e-6)
+    assert 0 < simhash_distance(m.simhash_a, m.simhash_b) < 128

@@ -30,6 +30,7 @@ class SideSums:
     cols: torch.Tensor       # column sums per block, float64 (B, n)
     sq: torch.Tensor         # Σ x² per block (B,)
     blocks: int = 1
+    projection: torch.Tensor | None = None  # wᵀx when ``side`` was asked for it (else None)
 
 
 @dataclass
@@ -67,16 +68,27 @@ class SimHasher:
         self.seed = seed
         self.acc = torch.zeros(self.groups, n_cols, dtype=torch.float64)
 
+    def signs(self, first_row: int, k: int) -> torch.Tensor:
+        """s_r for rows [first_row, first_row + k), float32 (hashed once per row range, cached)."""
+        if getattr(self, "_sign_rows", None) != (first_row, k):
+            h = _mix64(torch.arange(first_row, first_row + k, dtype=torch.int64), self.seed + 2)
+            self._hash, self._sign_rows = h, (first_row, k)
+            self._sign = torch.where((h >> 8) & 1 == 1, 1.0, -1.0).to(torch.float32)
+        return self._sign
+
+    def add(self, projection: torch.Tensor) -> None:
+        """Add s_rᵀ·x computed elsewhere (the measurement fuses it with the column sums: one pass); G = 1 only."""
+        self.acc[0] += projection.to("cpu", torch.float64)
+
     def update(self, rows: torch.Tensor, first_row: int) -> None:
         k = rows.shape[0]
         x = rows.to("cpu", torch.float32).reshape(k, self.n_cols)
-        h = _mix64(torch.arange(first_row, first_row + k, dtype=torch.int64), self.seed + 2)
-        sign = torch.where((h >> 8) & 1 == 1, 1.0, -1.0).to(torch.float32)
+        sign = self.signs(first_row, k)
         if self.groups == 1:
             self.acc[0] += (sign @ x).double()
             return
         mix = torch.zeros(self.groups, k)
-        mix[(h & 0xFFFF) % self.groups, torch.arange(k)] = sign
+        mix[(self._hash & 0xFFFF) % self.groups, torch.arange(k)] = sign
         self.acc += (mix @ x).double()
 
     def digest(self) -> str:
@@ -144,11 +156,13 @@ class PairAccumulator:
             self._g = (torch.randn(self.n_cols, SKETCH_K, generator=gen) / SKETCH_K ** 0.5).to(self.device)
             self.sketch_acc = torch.zeros(self.n_cols, SKETCH_K, dtype=torch.float64, device=self.device)
 
-    def side(self, x: torch.Tensor, which: str, blocks: int = 1) -> "SideSums":
+    def side(self, x: torch.Tensor, which: str, blocks: int = 1, project: torch.Tensor | None = None) -> "SideSums":
         """The sums of one side that need nothing from the other side, for ``blocks`` equal row blocks of x.
 
         Loader threads call this for each side in parallel (each side only touches its own scale/shift), so the
         main thread is left with the cross terms. The first block of a side fixes its power-of-two scale and shift.
+        ``project``: row weights w (a SimHash's row signs); wᵀx of the values as stored comes back in
+        ``projection``, computed with the column sums in one pass when the side is neither scaled nor shifted.
         """
         x = x.to(self.device, torch.float32).contiguous()
         if which == "a":
@@ -164,8 +178,13 @@ class PairAccumulator:
         y = _times_pow2(x, scale) if scale != 1.0 else x
         if shift:
             y = y - shift
-        cols = y.view(blocks, -1, y.shape[1]).sum(1).double()
-        return SideSums(x, y, y.sum(1), cols, _block_dots(y, y, blocks), blocks)
+        projection = None
+        if project is not None and blocks == 1 and y is x:
+            both = torch.stack([torch.ones_like(project), project]) @ x  # column sums and wᵀx: one pass
+            cols, projection = both[:1].double(), both[1]
+        else:
+            cols = y.view(blocks, -1, y.shape[1]).sum(1).double()
+        return SideSums(x, y, y.sum(1), cols, _block_dots(y, y, blocks), blocks, projection)
 
     def update(self, a, b, *, blocks: int = 1, _masked: bool = False) -> None:
         """a, b: float32 (B·k, n_cols) rows already mapped into the base's index space (B = ``blocks`` equal

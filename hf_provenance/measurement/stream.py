@@ -124,8 +124,20 @@ def measure_pair(pair: PairSpec, base, cand, *, fraction: float | None, rng: np.
     def load(side, group):
         xs = [read_block(side, block) for block in group]
         x = xs[0] if len(xs) == 1 else torch.cat(xs)
-        which = "a" if side is sides[0] else "b"
-        return acc.side(x, which, len(group)) if own_sums[which == "b"] else x
+        which, sim, first = ("a" if side is sides[0] else "b"), side[6], group[0][0]
+        if not own_sums[which == "b"]:
+            if sim is not None:
+                sim.update(x, first)
+            return x
+        # a SimHash over one group's rows rides on the column sums' pass when it can (groups are consecutive rows)
+        fuse = sim is not None and sim.groups == 1 and len(group) == 1
+        sums = acc.side(x, which, len(group), project=sim.signs(first, x.shape[0]) if fuse else None)
+        if sim is not None:
+            if sums.projection is not None:
+                sim.add(sums.projection)
+            else:
+                sim.update(x, first)
+        return sums
 
     def read_block(side, block):
         """Read one block of one side (each side on its own thread); hashes that need file order are fed here."""
@@ -143,10 +155,7 @@ def measure_pair(pair: PairSpec, base, cand, *, fraction: float | None, rng: np.
                 sha.update(raw)
             # the raw rows are a view of the reader's buffer, which the next read overwrites: always copy
             x = raw.to(torch.float32, copy=True)
-        x = x.reshape(-1, info.row_len)
-        if sim is not None:
-            sim.update(x, s)
-        return x
+        return x.reshape(-1, info.row_len)
 
     for side in sides:  # blocks ahead: remote sources fetch them coalesced, local ones hint the kernel
         src, idx, tview = side[0], side[2], side[7]
