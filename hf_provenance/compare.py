@@ -316,8 +316,8 @@ def compare(model_ref: str, base_refs: list[str] | None = None, *, sample: float
         comparisons.append(compare_one(model, base, sample=sample, seed=seed, device=device, progress=progress))
         opened.append(base)
     merge = lineage = None
-    if len(opened) >= 2 and not sample:
-        sums = gram_sums(model, opened)  # one pass: the merge fit and the lineage geometry both read it
+    if len(opened) >= 2:
+        sums = gram_sums(model, opened, fraction=sample, seed=seed)  # one pass: merge fit and lineage both read it
         fit = fit_merge(model, opened, list(base_refs), sums=sums)
         if fit is not None:
             merge = fit.to_dict()

@@ -199,6 +199,11 @@ def test_linear_merge_of_two_fine_tunes_recovers_its_weights(make, tmp_path):
     for w, (lo, hi), truth in zip(fit["weights"], fit["ci"], (0.3, 0.7)):
         assert lo - 1e-6 <= truth <= hi + 1e-6 and abs(w - truth) < 0.01
     assert all("merge" in c["relation"] for c in d["comparisons"])
+    # under --sample the fit reads the sampled row blocks only (here, the big tensors) and finds the same merge
+    d = compare(str(tmp_path / "merged"), [ft_a, ft_b], sample=0.1, seed=1).to_dict()
+    assert d["merge"]["is_merge"] and all("merge" in c["relation"] for c in d["comparisons"])
+    for w, truth in zip(d["merge"]["weights"], (0.3, 0.7)):
+        assert abs(w - truth) < 0.01
     # a fine-tune against its base and an independent model is no merge
     d = compare(ft_a, [make("llama"), make("llama", "independent")]).to_dict()
     assert not d["merge"]["is_merge"] and d["merge"]["weights"][1] < 0.05

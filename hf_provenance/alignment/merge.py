@@ -11,14 +11,15 @@ A linear merge of fine-tunes A and B shows weights near the merge's own and R² 
 from __future__ import annotations
 
 import math
+import zlib
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 from hf_provenance.alignment.identity import keyed
+from hf_provenance.measurement.sampling import draw
 
-BLOCK_ROWS = 4096
 R2_MERGE = 0.99          # the combination explains the model almost exactly ...
 RESIDUAL_RATIO = 0.5     # ... and leaves at most half the residual of the best single base
 MIN_WEIGHT = 0.05        # a base takes part when its weight's interval lies above this
@@ -60,7 +61,10 @@ class GramSums:
     mm: np.ndarray      # (n,)
 
 
-def gram_sums(model, bases: list) -> GramSums:
+def gram_sums(model, bases: list, *, fraction: float | None = None, seed: int = 0) -> GramSums:
+    """Per tensor, ⟨Bᵢ, Bⱼ⟩, ⟨Bᵢ, M⟩ and ⟨M, M⟩ over its rows, or over the sampled row blocks under ``--sample``
+    (the same stratified blocks as the measurement: a per-tensor least-squares fit on a row sample estimates the
+    same weights; the intervals come from the spread across tensors either way)."""
     km, _, _ = keyed(model)
     kbs = [keyed(b)[0] for b in bases]
     k = len(bases)
@@ -73,8 +77,8 @@ def gram_sums(model, bases: list) -> GramSums:
         if any(b.inventory[n].shape != info.shape for b, n in zip(bases, names)):
             continue
         g, c, mm = np.zeros((k, k)), np.zeros(k), 0.0
-        for s in range(0, info.n_rows, BLOCK_ROWS):
-            e = min(info.n_rows, s + BLOCK_ROWS)
+        rng = np.random.default_rng([seed, zlib.crc32(mname.encode())])
+        for s, e in draw(info.n_rows, info.row_bytes, fraction, rng).blocks:
             m = model.reader.read_rows(mname, s, e).reshape(-1).double()
             bs = torch.stack([b.reader.read_rows(n, s, e).reshape(-1).double() for b, n in zip(bases, names)])
             g += (bs @ bs.T).numpy()

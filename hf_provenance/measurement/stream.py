@@ -17,6 +17,7 @@ import torch
 
 from hf_provenance.alignment.plan import ARBITRARY, AlignmentPlan, PairSpec
 from hf_provenance.measurement.accumulate import ByteHasher, PairAccumulator, SideSums, SimHasher, row_hashes
+from hf_provenance.measurement.memory import release_free_memory
 from hf_provenance.measurement.sampling import FULL_READ_CHUNK, RowSample, block_rows, draw
 from hf_provenance.measurement.transposed import TransposedRows
 from hf_provenance.sources.base import DTYPES
@@ -284,6 +285,7 @@ def measure_plan(plan: AlignmentPlan, base, cand, *, fraction: float | None, see
     for p in order:
         out.append(measure_pair(p, base, cand, fraction=fraction, rng=np.random.default_rng([seed, zlib.crc32(p.base_name.encode())]),
                                 device=dev, seed=seed))
+        release_free_memory()  # blocks freed on the loader threads' heaps go back now, not never
         if progress is not None:
             progress(p, sum(b - a for a, b in out[-1].sample.blocks) * inv[p.base_name].row_bytes)
     return out
