@@ -131,7 +131,7 @@ def decide(tensors: list[TensorResult], components: dict[str, GroupEffect], th: 
     if unreadable_format:  # the packed weights were not compared: never contradict a card with "independent"
         reasons = [f"the quantised weights (format {unreadable_format}) are not comparable yet; what could be "
                    "compared shows no shared lineage, which says nothing about the packed tensors"]
-        return Verdict("inconclusive", tuple(dict.fromkeys(rel)), "not determined", tuple(reasons + list(nc))[:3], nc)
+        return Verdict("inconclusive", (), "not determined", tuple(reasons + list(nc))[:3], nc)
     if overall.abs_upper is not None and overall.abs_upper < th.delta and coverage >= th.coverage_independent:
         reasons = [f"aligned effect over {overall.n_tensors} tensors: mean |r| beyond its null level ≤ "
                    f"{overall.abs_upper:.3f} (95% upper bound) < δ = {th.delta}",
@@ -147,7 +147,8 @@ def decide(tensors: list[TensorResult], components: dict[str, GroupEffect], th: 
                        f"{th.coverage_independent:.0%}): a permuted copy cannot be excluded")
     if not elig:
         reasons.append("no tensor with an arbitrary axis could be compared")
-    return Verdict("inconclusive", tuple(dict.fromkeys(rel)), "not determined", tuple((reasons + list(nc))[:3]), nc)
+    # no lineage claimed, so no relation (a layer-count difference between unrelated families is not "pruned")
+    return Verdict("inconclusive", (), "not determined", tuple((reasons + list(nc))[:3]), nc)
 
 
 __all__ = ["Verdict", "decide", "hub_relation", "VERDICTS", "is_evidence"]

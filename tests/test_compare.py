@@ -69,6 +69,7 @@ def test_different_families_never_derived(make):
     assert c["verdict"] in ("inconclusive", "independent")
     c = verdict_of(make("qwen3_moe"), make("deepseek_v3"))
     assert c["verdict"] in ("inconclusive", "independent")
+    assert c["relation"] == []  # no lineage claimed: their layer counts differ, yet nothing is "pruned"
 
 
 def test_residual_permuted_copy_is_derived_and_map_recovered(make, tmp_path):
