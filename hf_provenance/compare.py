@@ -19,6 +19,7 @@ from hf_provenance.alignment.fused import layout_plan
 from hf_provenance.alignment.experts import expert_plan, experts_relayout
 from hf_provenance.alignment.layers import layer_plan
 from hf_provenance.alignment.units import unit_plan
+from hf_provenance.alignment.widths import is_width_pruned, width_plan
 from hf_provenance.alignment.norms import norm_plan
 from hf_provenance.alignment.rotary import qk_lag, rotary_plan
 from hf_provenance.alignment.layouts import layout_for
@@ -193,8 +194,9 @@ def compare_one(model, base, *, sample: float | None, seed: int, device: str, pr
     settled = verdict.verdict in ("derived", "identical") and not weak
     rotary_wanted = settled and qk_lag(tensors, th)  # q/k far below v/o: a rotary row reorder, say
     relayout = experts_relayout(base, model, plan)  # experts stacked on one side only: the identity plan paired none
+    narrower = is_width_pruned(base, model, plan)  # fewer MLP units / heads in the model: pruned tensors unpaired
     reported = plan
-    if not settled or upcycling or rotary_wanted or relayout:
+    if not settled or upcycling or rotary_wanted or relayout or narrower:
         new_plan, fit, covered = ((None, None, 0) if settled else
                                   _residual_search(plan, base, model, facts, seed=seed, sample=sample,
                                                    lines=lines, layered=found is not None))
@@ -202,6 +204,7 @@ def compare_one(model, base, *, sample: float | None, seed: int, device: str, pr
         work = new_plan if new_plan is not None else plan
         searched, applied, repaired = 0, False, False
         steps = (expert_plan,) if settled else (expert_plan, unit_plan)
+        steps += (width_plan,) if narrower else ()  # same-shape maps first, then the subsets the model kept
         steps += (rotary_plan,) if rotary_wanted or not settled else ()  # inside heads, after any head map
         for step in steps:  # experts first: unit maps inside experts assume the expert pairing
             out = step(base, model, work, seed=seed, sample=sample)
@@ -217,7 +220,10 @@ def compare_one(model, base, *, sample: float | None, seed: int, device: str, pr
                     repaired |= bool(part.get("repaired_layers"))
                     if part.get("upcycled_layers"):
                         extra.append("upcycled")
-        if applied and "upcycled" not in extra:
+                    if part.get("pruned_layers"):  # width pruning: relation and containment (verdict's direction)
+                        extra.append("pruned")
+                        containment["width"] = part.get("containment")
+        if applied and not {"upcycled", "pruned"} & set(extra):
             extra.append("permuted")
         if new_plan is not None or applied or repaired:
             tensors, components, layers = _evaluate(work, base, model, sample=sample, seed=seed, device=device,

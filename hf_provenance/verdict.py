@@ -49,7 +49,8 @@ def decide(tensors: list[TensorResult], components: dict[str, GroupEffect], th: 
            quantized: str | None = None, extra_relations: list[str] | None = None,
            unreadable_format: str | None = None) -> Verdict:
     """containment: {"layers": (base, model), "vocab": (base_rows, model_rows), "vocab_rows_unchanged": bool|None,
-    "moe": (base_is_moe, model_is_moe)} as observed; ``not_compared`` lists what could not be compared and why."""
+    "moe": (base_is_moe, model_is_moe), "width": {what: (base, model)}} as observed; ``not_compared`` lists what
+    could not be compared and why."""
     nc = tuple(not_compared)
     if not tensors:
         return Verdict("inconclusive", (), "not determined", ("no tensor could be compared",) + nc[:2], nc)
@@ -77,6 +78,12 @@ def decide(tensors: list[TensorResult], components: dict[str, GroupEffect], th: 
     if "upcycled" in rel and direction.startswith("direction not"):
         # containment (DESIGN): experts built from a dense MLP's units point from the dense base to the MoE
         direction = "model's experts are built from the base's dense MLP (dense → MoE): model derived from base"
+    width = containment.get("width") or {}    # {"MLP units": [base, model], ...} from a recovered width map
+    if width and direction.startswith("direction not"):
+        # containment (DESIGN): the model's units / heads are a subset of the base's
+        direction = (f"model has fewer {' and '.join(width)} ("
+                     f"{'; '.join(f'{m} vs {b} {what}' for what, (b, m) in width.items())} per layer, a subset of "
+                     "the base's): model derived from base")
 
     all_equal = all(t.frac_equal == 1.0 for t in tensors)
     if "vocab-changed" in rel:  # not a DESIGN relation: it only stops an "identical" over re-paired rows

@@ -696,6 +696,77 @@ def _upcycle_slices_config(config: dict[str, Any], ctx: Context) -> dict[str, An
     return config
 
 
+# Width pruning (Minitron, Sheared-LLaMA): dense decoders whose MLP and attention tensors carry the names of
+# UNIT_TENSORS ("mlp" kind) and HEAD_TENSORS (q/k/v/o).
+WIDTH_MODEL_TYPES = frozenset({"llama", "mistral", "qwen2", "qwen3"})
+
+
+def _kept(ctx: Context, name: str, n: int, k: int) -> list[int]:
+    """k of n indices drawn at random (model index i = base index kept[i]); in a random order when `shuffle`."""
+    if k == n:
+        return list(range(n))
+    kept = torch.randperm(n, generator=ctx.generator(name))[:k]
+    return (kept if ctx.params["shuffle"] else kept.sort().values).tolist()
+
+
+def _order(ctx: Context, name: str, n: int) -> list[int]:
+    """0..n-1, in a random order when `shuffle` (query heads of one KV group are interchangeable)."""
+    return torch.randperm(n, generator=ctx.generator(name)).tolist() if ctx.params["shuffle"] else list(range(n))
+
+
+def _width_prepare(ctx: Context) -> dict[str, Any]:
+    """Per layer the kept MLP units, KV groups and query heads (whole groups: the heads-per-group ratio stays).
+
+    The share of heads kept is named `groups` (not `heads`, a size knob of the factory's families)."""
+    cfg = ctx.config
+    mt = cfg.get("model_type")
+    if mt not in WIDTH_MODEL_TYPES:
+        raise ValueError(f"width_pruned: model_type {mt!r} is not a dense decoder of {sorted(WIDTH_MODEL_TYPES)}")
+    fu, fh = float(ctx.params["units"]), float(ctx.params["groups"])
+    if not (0 < fu <= 1 and 0 < fh <= 1):
+        raise ValueError(f"width_pruned: units={fu} and groups={fh} must be fractions kept in (0, 1]")
+    lay = _head_layout(cfg)
+    n_inter, n_kv, r = int(cfg["intermediate_size"]), lay["kv"], lay["heads"] // lay["kv"]
+    k_units, k_groups = max(1, round(fu * n_inter)), max(1, round(fh * n_kv))
+    if k_units == n_inter and k_groups == n_kv:
+        raise ValueError(f"width_pruned: units={fu}, groups={fh} keep every unit and KV group: nothing pruned")
+    plan: dict[str, Any] = {"intermediate_size": [n_inter, k_units],     # [base, model]
+                            "num_attention_heads": [lay["heads"], k_groups * r],
+                            "num_key_value_heads": [n_kv, k_groups],
+                            "head_dim": lay["block"]["o"], "heads_mode": "whole KV groups",
+                            "units": {}, "kv_groups": {}, "heads": {}}
+    for layer in range(int(cfg["num_hidden_layers"])):
+        groups = _kept(ctx, f"layer{layer}.kv_groups", n_kv, k_groups)
+        plan["units"][f"layer{layer}"] = _kept(ctx, f"layer{layer}.units", n_inter, k_units)
+        plan["kv_groups"][f"layer{layer}"] = groups
+        inner = [_order(ctx, f"layer{layer}.group{g}.heads", r) if k_groups < n_kv else range(r) for g in groups]
+        plan["heads"][f"layer{layer}"] = [g * r + j for g, js in zip(groups, inner) for j in js]
+    return plan
+
+
+def _width_prune(key: str, t: torch.Tensor, ctx: Context) -> list[tuple[str, torch.Tensor]]:
+    out = t
+    for pattern, kind, role in UNIT_TENSORS:
+        m = pattern.match(key)
+        if m and kind == "mlp":
+            out = out.index_select(1 if role == "down" else 0, torch.tensor(ctx.plan["units"][f"layer{m['layer']}"]))
+            break
+    for pattern, role in HEAD_TENSORS:
+        m = pattern.match(key)
+        if m and role in ("q", "k", "v", "o"):
+            kept = ctx.plan["kv_groups" if role in ("k", "v") else "heads"][f"layer{m['layer']}"]
+            out = out.index_select(1 if role == "o" else 0, _blocks(torch.tensor(kept), ctx.plan["head_dim"]))
+            break
+    return [(key, _with_noise(key, out.contiguous(), ctx))]
+
+
+def _width_config(config: dict[str, Any], ctx: Context) -> dict[str, Any]:
+    config.update({name: ctx.plan[name][1] for name in ("intermediate_size", "num_attention_heads",
+                                                         "num_key_value_heads")})
+    config["head_dim"] = ctx.plan["head_dim"]   # hidden_size // heads no longer gives it
+    return config
+
+
 # ---- layout re-parametrisations: rotary row order, folded norms ------------------------------------------------
 
 ROTARY_TENSORS = re.compile(r"^model\.layers\.(?P<layer>\d+)\.self_attn\.(?P<proj>q_proj|k_proj)\.(?:weight|bias)$")
@@ -983,6 +1054,16 @@ TRANSFORMS: dict[str, Transform] = {t.name: t for t in [
               {"n_experts": 4, "slices": None, "noise": 0.0, "shuffle": False, "top_k": 2, "router_std": 0.02},
               {"verdict": "derived", "relation": ["upcycled"], "direction_evident": True},
               "finetune", _upcycle_slices, prepare=_upcycle_slices_prepare, config=_upcycle_slices_config),
+    Transform("width_pruned", "Width pruning (Minitron, Sheared-LLaMA) of a dense decoder: per layer a random "
+              "`units` share of the MLP intermediate units kept (gate/up rows, down columns) and a random `groups` "
+              "share of the KV groups kept with all their query heads (q/k/v rows, o columns: whole GQA groups, the "
+              "heads-per-group ratio unchanged); kept units, kept groups and the query heads within each group in "
+              "random order when `shuffle`; config intermediate_size, num_attention_heads, num_key_value_heads "
+              "follow (head_dim written); then `noise` x each tensor's std. Truth: the plan's `units`, `kv_groups`, "
+              "`heads` (model index i = base index kept[i]).",
+              {"units": 0.5, "groups": 0.5, "shuffle": True, "noise": 0.0},
+              {"verdict": "derived", "relation": ["pruned"], "direction_evident": True},
+              "finetune", _width_prune, prepare=_width_prepare, config=_width_config),
     Transform("fused_layout", "Llama -> Phi-3 storage: q/k/v_proj fused into qkv_proj = [q; k; v] and gate/up_proj "
               "into gate_up_proj = [gate; up], every other tensor as is; config model_type phi3 (function "
               "unchanged); then `noise` x each tensor's std (0: none, and the weights decode bit-equal once split: "
