@@ -170,3 +170,37 @@ def test_independent_dense_base_is_not_an_upcycling_source(make):
     new, summary, lines = expert_plan(base, model, plan, seed=0)
     assert summary["experts"]["recovered"] == 0 and not summary["experts"]["applied"]
     assert not [p for p in new.pairs if p.key.role in MLP]
+
+
+def test_expert_pruned_and_shuffled_moe_pairs_its_router_through_the_map(make, tmp_path):
+    """One routed expert dropped per layer (router rows too), the rest shuffled: the routers differ in shape, so
+    the identity plan cannot pair them; the expert map pairs the router rows it keeps."""
+    import re
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from hf_provenance.compare import compare
+
+    src, base = Path(make("qwen3_moe", "shuffle_experts")), make("qwen3_moe")
+    dst = tmp_path / "dropped"
+    shutil.copytree(src, dst, ignore=shutil.ignore_patterns("*.safetensors", "*.index.json"))
+    cfg = json.loads((dst / "config.json").read_text())
+    n = cfg["num_local_experts"]
+    sd = {}
+    for f in sorted(src.glob("*.safetensors")):
+        sd.update(load_file(str(f)))
+    out = {}
+    for k, v in sd.items():
+        m = re.search(r"experts\.(\d+)\.", k)
+        if m and int(m.group(1)) == n - 1:
+            continue
+        out[k] = (v[: n - 1] if k.endswith("mlp.gate.weight") else v).contiguous()
+    cfg["num_local_experts"] = n - 1
+    (dst / "config.json").write_text(json.dumps(cfg))
+    save_file(out, str(dst / "model.safetensors"))
+    d = compare(str(dst), [base]).to_dict()["comparisons"][0]
+    assert d["verdict"] == "derived" and "permuted" in d["relation"]
+    routers = [t for t in d["tensors"] if t["name"].endswith("mlp.gate.weight")]
+    assert len(routers) == cfg["num_hidden_layers"] and all(t["pearson"]["value"] > 0.5 for t in routers)
+    assert all(layer["router_consistent"] for layer in d["alignment"]["experts"]["layers"])

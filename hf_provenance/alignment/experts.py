@@ -473,7 +473,7 @@ def expert_plan(base, model, plan: AlignmentPlan, *, seed: int = 0, sample: floa
         params[0] += n
         mapped = (fit.recovered or apply_all) and not fit.is_identity
         if mapped or fit.layer in relayout:
-            pairs, done = _apply(pairs, fit, b, m, base, model, template, by_index=not mapped)
+            pairs, done = _apply(pairs, fit, b, m, base, model, template, bkeys, by_index=not mapped)
             paired_names |= done
             params[1] += n if mapped else 0
             repaired += not mapped
@@ -512,8 +512,8 @@ def experts_relayout(base, model, plan: AlignmentPlan) -> bool:
     return any(b.stacked != m.stacked and -1 not in b.experts for b, m in layers.values())
 
 
-def _apply(pairs: list[PairSpec], fit: ExpertLayerFit, b: _Side, m: _Side, base, model, template, *,
-           by_index: bool = False):
+def _apply(pairs: list[PairSpec], fit: ExpertLayerFit, b: _Side, m: _Side, base, model, template, bkeys: dict,
+           *, by_index: bool = False):
     """Re-pair this layer's expert tensors and map its router; returns the new pair list and names now paired.
 
     by_index: pair base expert e with model expert e, no map (one side stacked, the other not: the identity plan
