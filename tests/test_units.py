@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import math
 import shutil
 from pathlib import Path
 
@@ -17,6 +16,7 @@ from hf_provenance.alignment import nulls as N
 from hf_provenance.alignment.identity import identity_plan
 from hf_provenance.alignment.residual import apply_residual, embedding_pair, fit_residual
 from hf_provenance.alignment.units import assign, expand, grouped_assign, unit_plan
+from hf_provenance.factory.transforms import couple_units_state_dict
 from hf_provenance.measurement.stream import measure_plan
 from hf_provenance.sources import open_model
 from hf_provenance.statistics import aggregate
@@ -362,24 +362,9 @@ def test_independent_models_stay_independent_with_matching_enabled(make, family,
 
 
 def _couple(src: str, dst: Path, seed: int) -> None:
-    """Strong within-unit coupling: up = c·gate + small noise per unit, down columns leaning on gate rows, and a
-    shared output direction in down (rank one)."""
     shutil.copytree(src, dst)
-    sd = load_file(f"{src}/model.safetensors")
-    g = torch.Generator().manual_seed(seed)
-    out = dict(sd)
-    for k in sd:
-        if k.endswith("mlp.gate_proj.weight"):
-            pre = k[: -len("gate_proj.weight")]
-            gate, down = sd[k], sd[pre + "down_proj.weight"]
-            c = 0.5 + 1.5 * torch.rand(gate.shape[0], 1, generator=g)
-            out[pre + "up_proj.weight"] = c * gate + 0.1 * gate.std() * torch.randn(gate.shape, generator=g)
-            v = torch.randn(down.shape[0], 1, generator=g)
-            v /= v.norm()
-            a = torch.randn(1, down.shape[1], generator=g)
-            out[pre + "down_proj.weight"] = (0.6 * down + 0.6 * (down.std() / gate.std()) * gate.T
-                                             + 0.6 * down.std() * math.sqrt(down.shape[0]) * v @ a)
-    save_file({k: v.contiguous() for k, v in out.items()}, f"{dst}/model.safetensors")
+    sd = couple_units_state_dict(load_file(f"{src}/model.safetensors"), seed)
+    save_file(sd, f"{dst}/model.safetensors")
 
 
 def test_coupled_independent_models_stay_independent_where_chance_would_not(make, tmp_path):

@@ -1103,6 +1103,30 @@ def permute_residual_state_dict(sd: dict[str, torch.Tensor], seed: int = 3) -> d
     return out
 
 
+def couple_units_state_dict(sd: dict[str, torch.Tensor], seed: int = 1) -> dict[str, torch.Tensor]:
+    """A Llama-layout state dict with strong within-unit MLP coupling, as some trained models have: up = c·gate +
+    small noise per unit, down columns leaning on gate rows, and a shared rank-one output direction in down.
+
+    Not a lineage transform: applied to two *independent* models it makes a pair whose gate/up/down unit maps agree
+    far beyond "chance" although nothing is shared (the coupling-matched null must keep them independent).
+    """
+    g = torch.Generator().manual_seed(seed)
+    out = dict(sd)
+    for k in sd:
+        if not k.endswith("mlp.gate_proj.weight"):
+            continue
+        pre = k[: -len("gate_proj.weight")]
+        gate, down = sd[k].float(), sd[pre + "down_proj.weight"].float()
+        c = 0.5 + 1.5 * torch.rand(gate.shape[0], 1, generator=g)
+        out[pre + "up_proj.weight"] = c * gate + 0.1 * gate.std() * torch.randn(gate.shape, generator=g)
+        v = torch.randn(down.shape[0], 1, generator=g)
+        v /= v.norm()
+        a = torch.randn(1, down.shape[1], generator=g)
+        out[pre + "down_proj.weight"] = (0.6 * down + 0.6 * (down.std() / gate.std()) * gate.T
+                                         + 0.6 * down.std() * math.sqrt(down.shape[0]) * v @ a)
+    return {k: v.contiguous() for k, v in out.items()}
+
+
 def resolve_params(name: str, params: dict[str, Any]) -> dict[str, Any]:
     """The transform's defaults overridden by ``params``; unknown names raise ``ValueError``."""
     spec = transform(name)
