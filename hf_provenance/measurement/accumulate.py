@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import math
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
@@ -146,6 +147,7 @@ class PairAccumulator:
     # float32 products); exact, and undone in ``raw_totals``. Differences are taken before scaling.
     scale_a: float = 1.0
     scale_b: float = 1.0
+    buffers: Any = None  # the stream's reusable block buffers (``measurement.stream.BlockBuffers``), or None
 
     def __post_init__(self):
         self.totals = np.zeros(len(SCALARS))
@@ -197,7 +199,9 @@ class PairAccumulator:
         sb = b if isinstance(b, SideSums) else self.side(b, "b", blocks)
         nb = sa.blocks
         k = sa.raw.shape[0] // nb
-        d = (sa.raw - sb.raw).reshape(-1)  # differences in stored units, before any scaling
+        # differences in stored units, before any scaling (into a reused buffer when the stream lends one)
+        buf = self.buffers.diff(sa.raw) if self.buffers is not None else None
+        d = (torch.sub(sa.raw, sb.raw, out=buf) if buf is not None else sa.raw - sb.raw).reshape(-1)
         if self.cast_dtype is not None:
             self.cast_equal += int((sa.raw.reshape(-1).to(self.cast_dtype).float() == sb.raw.reshape(-1)).sum())
         ra, rb = sa.rows.view(nb, k), sb.rows.view(nb, k)
