@@ -25,9 +25,15 @@ def main() -> None:
     args = ap.parse_args()
     root = Path(args.dir)
     sizes = dict(hidden=1024, layers=8, intermediate=4096, vocab=32000, dtype="bfloat16")
-    base = build_random("llama", root / "base", seed=0, **sizes)
-    noisy = apply_transform(base, root / "noisy", "noise", scale=0.5)
-    other = build_random("llama", root / "other", seed=1, **sizes)
+    if (root / "other" / "config.json").exists():  # built by an earlier run: reuse
+        base, noisy, other = root / "base", root / "noisy", root / "other"
+    else:
+        import shutil
+
+        shutil.rmtree(root, ignore_errors=True)  # a run killed half-way leaves a partial folder
+        base = build_random("llama", root / "base", seed=0, **sizes)
+        noisy = apply_transform(base, root / "noisy", "noise", scale=0.5)
+        other = build_random("llama", root / "other", seed=1, **sizes)
     out = {"gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
     for name, model in (("noisy", noisy), ("other", other)):
         for dev in ("cuda", "cpu"):

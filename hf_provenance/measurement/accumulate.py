@@ -182,7 +182,8 @@ class PairAccumulator:
             y = y - shift
         projection = None
         if project is not None and blocks == 1 and y is x:
-            both = torch.stack([torch.ones_like(project), project]) @ x  # column sums and wᵀx: one pass
+            w = project.to(x.device)
+            both = torch.stack([torch.ones_like(w), w]) @ x  # column sums and wᵀx: one pass
             cols, projection = both[:1].double(), both[1]
         else:
             cols = y.view(blocks, -1, y.shape[1]).sum(1).double()
