@@ -30,7 +30,8 @@ def main() -> None:
     else:
         import shutil
 
-        shutil.rmtree(root, ignore_errors=True)  # a run killed half-way leaves a partial folder
+        for sub in ("base", "noisy", "other"):  # a run killed half-way leaves partial folders
+            shutil.rmtree(root / sub, ignore_errors=True)
         base = build_random("llama", root / "base", seed=0, **sizes)
         noisy = apply_transform(base, root / "noisy", "noise", scale=0.5)
         other = build_random("llama", root / "other", seed=1, **sizes)
