@@ -71,8 +71,8 @@ _PART_OF_ROLE = {role: (kind, i) for kind, roles in MLP_ROLES.items() for i, rol
 # Attention roles: GQA/MHA (q, k, v, o) and MLA (q_b, kv_b, o).
 ATTN_ROLES = ("attn_q", "attn_k", "attn_v", "attn_output", "attn_q_b", "attn_kv_b")
 
-__all__ = ["Assignment", "assign", "best_match", "grouped_assign", "BatchFit", "unit_plan", "read_rows",
-           "LAP_MAX", "model_keys"]
+__all__ = ["Assignment", "assign", "best_match", "grouped_assign", "grouped_subset", "BatchFit", "unit_plan",
+           "read_rows", "LAP_MAX", "model_keys"]
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -163,23 +163,41 @@ def grouped_assign(sim: np.ndarray, group: int) -> tuple[np.ndarray, np.ndarray]
     """Head matching that respects grouped-query attention: (head map, KV-group map).
 
     Query heads g·group .. g·group+group-1 share KV head g, so heads can only move with their group. A group pair's
-    score is the best within-group head assignment; the groups are then assigned on those scores.
+    score is the best within-group head assignment; the groups are then assigned on those scores (the square case
+    of :func:`grouped_subset`).
     """
-    n = sim.shape[0]
-    if group <= 1:
+    group = max(int(group), 1)
+    return grouped_subset(sim, group, group)
+
+
+def grouped_subset(sim: np.ndarray, r_model: int, r_base: int) -> tuple[np.ndarray, np.ndarray]:
+    """Injective head matching that keeps GQA groups together: (head map, KV-group map), model -> base; the model
+    may keep fewer heads per group or fewer groups (width pruning).
+
+    ``sim`` [H', H]: model head i vs base head j; heads g·r .. g·r+r-1 share KV head g on each side. A model group
+    takes its r' ≤ r heads from one base group (best within-block assignment); model groups go to different base
+    groups (assignment on those block scores). r' = r = 1 is plain multi-head attention.
+
+    Example:
+        >>> s = np.eye(4)[[3, 2]]          # model heads 0, 1 are base heads 3, 2 (base group 1, 2 heads per group)
+        >>> [x.tolist() for x in grouped_subset(s, 2, 2)]
+        [[3, 2], [1]]
+    """
+    n_m, n_b = sim.shape
+    g_m, g_b = n_m // r_model, n_b // r_base
+    if r_model == r_base == 1:
         _, ci = linear_sum_assignment(sim, maximize=True)
         return ci.astype(np.int64), ci.astype(np.int64)
-    g = n // group
-    score = np.zeros((g, g))
+    score = np.zeros((g_m, g_b))
     inner: dict[tuple[int, int], np.ndarray] = {}
-    for a in range(g):
-        for b in range(g):
-            blk = sim[a * group:(a + 1) * group, b * group:(b + 1) * group]
+    for a in range(g_m):
+        for b in range(g_b):
+            blk = sim[a * r_model:(a + 1) * r_model, b * r_base:(b + 1) * r_base]
             ri, ci = linear_sum_assignment(blk, maximize=True)
             score[a, b] = blk[ri, ci].sum()
             inner[a, b] = ci
     _, gmap = linear_sum_assignment(score, maximize=True)
-    heads = np.concatenate([gmap[a] * group + inner[a, gmap[a]] for a in range(g)])
+    heads = np.concatenate([gmap[a] * r_base + inner[a, gmap[a]] for a in range(g_m)])
     return heads.astype(np.int64), gmap.astype(np.int64)
 
 
@@ -191,8 +209,8 @@ def read_rows(src, pair: PairSpec, positions: np.ndarray, *, side: str) -> torch
     """Rows ``positions`` of the pair's compared view, float32, in the base's index space.
 
     side "base": base rows (through ``base_rows``), columns through ``base_cols``; side "model": candidate rows
-    through ``cand_rows``, then the column map, column signs, column scales and row signs, exactly as the measurement stream
-    applies them.
+    through ``cand_rows``, then the column map, column signs, column scales and row signs, exactly as the
+    measurement stream applies them.
     """
     positions = np.asarray(positions, dtype=np.int64)
     if side == "base":

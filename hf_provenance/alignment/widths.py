@@ -41,13 +41,13 @@ import torch
 
 from hf_provenance.alignment import keys as K
 from hf_provenance.alignment import nulls as N
-from hf_provenance.alignment.assignment import linear_sum_assignment
 from hf_provenance.alignment.experts import _reading_pair, _residual_template, _View
 from hf_provenance.alignment.identity import axes_for, keyed
 from hf_provenance.alignment.layouts import layout_for
 from hf_provenance.alignment.plan import AlignmentPlan, PairSpec
 from hf_provenance.alignment.slices import _pair
-from hf_provenance.alignment.units import _attn_config, _decide, _test_units, assign, expand, sketch_writer
+from hf_provenance.alignment.units import (_attn_config, _decide, _test_units, assign, expand, grouped_subset,
+                                           sketch_writer)
 from hf_provenance.statistics.effects import _clean
 
 # role -> (axis, index): which axis of the tensor holds the pruned index and whether it runs over units, query
@@ -191,36 +191,6 @@ def is_width_pruned(base, model, plan: AlignmentPlan) -> bool:
 # ---------------------------------------------------------------------------------------------------------------
 # Matching
 # ---------------------------------------------------------------------------------------------------------------
-
-def grouped_subset(sim: np.ndarray, r_model: int, r_base: int) -> tuple[np.ndarray, np.ndarray]:
-    """Injective head matching that keeps GQA groups together: (head map, KV-group map), model -> base.
-
-    ``sim`` [H', H]: model head i vs base head j; heads g·r .. g·r+r-1 share KV head g on each side. A model group
-    takes its r' ≤ r heads from one base group (best within-block assignment); model groups go to different base
-    groups (assignment on those block scores). r' = r = 1 is plain multi-head attention.
-
-    Example:
-        >>> s = np.eye(4)[[3, 2]]          # model heads 0, 1 are base heads 3, 2 (base group 1, 2 heads per group)
-        >>> [x.tolist() for x in grouped_subset(s, 2, 2)]
-        [[3, 2], [1]]
-    """
-    n_m, n_b = sim.shape
-    g_m, g_b = n_m // r_model, n_b // r_base
-    if r_model == r_base == 1:
-        _, ci = linear_sum_assignment(sim, maximize=True)
-        return ci.astype(np.int64), ci.astype(np.int64)
-    score = np.zeros((g_m, g_b))
-    inner: dict[tuple[int, int], np.ndarray] = {}
-    for a in range(g_m):
-        for b in range(g_b):
-            blk = sim[a * r_model:(a + 1) * r_model, b * r_base:(b + 1) * r_base]
-            ri, ci = linear_sum_assignment(blk, maximize=True)
-            score[a, b] = blk[ri, ci].sum()
-            inner[a, b] = ci
-    _, gmap = linear_sum_assignment(score, maximize=True)
-    heads = np.concatenate([gmap[a] * r_base + inner[a, gmap[a]] for a in range(g_m)])
-    return heads.astype(np.int64), gmap.astype(np.int64)
-
 
 @dataclass(frozen=True)
 class WidthFit:

@@ -142,7 +142,7 @@ def measure_pair(pair: PairSpec, base, cand, *, fraction: float | None, rng: np.
 
     def read_block(side, block):
         """Read one block of one side (each side on its own thread); hashes that need file order are fed here."""
-        src, name, idx, scaled, info, sha, sim, tview = side
+        src, name, idx, scaled, info, sha, _, tview = side
         s, e = block
         if tview is not None:
             return tview.rows(idx, s, e)
@@ -155,7 +155,7 @@ def measure_pair(pair: PairSpec, base, cand, *, fraction: float | None, rng: np.
             if sha is not None and not bytes_differ[0]:
                 sha.update(raw)
             # the raw rows are a view of the reader's buffer, which the next read overwrites: always copy
-            ring = rings.get(side[1]) if side is sides[0] else rings.get(("cand", side[1]))
+            ring = rings[0 if side is sides[0] else 1]
             x = ring.take(raw.shape).copy_(raw) if ring is not None else raw.to(torch.float32, copy=True)
         return x.reshape(-1, info.row_len)
 
@@ -173,12 +173,11 @@ def measure_pair(pair: PairSpec, base, cand, *, fraction: float | None, rng: np.
     threaded = bool(sample.blocks) and sample.rows_read * max(ia.row_bytes, 1) >= len(sample.blocks) * FULL_READ_CHUNK
     # inline, equal sampled blocks are measured several at a time (one call, the jackknife still sees each block)
     groups = [[blk] for blk in sample.blocks] if threaded else _batches(sample.blocks, ia.row_bytes)
-    rings: dict = {}
+    rings: tuple = (None, None)
     if threaded and device.type == "cpu":  # reused block buffers: no allocation churn on the loader threads
         most = max(e - s for s, e in sample.blocks)
         buffers = buffers if buffers is not None else BlockBuffers()
-        rings = {pair.base_name: buffers.ring(0, most * ia.row_len),
-                 ("cand", pair.cand_name): buffers.ring(1, most * ib.row_len)}
+        rings = (buffers.ring(0, most * ia.row_len), buffers.ring(1, most * ib.row_len))
         acc.buffers = buffers
     with (ThreadPoolExecutor(max_workers=2) if threaded else _Inline()) as pool, _intra_op_threads(1 if threaded else None):
         def submit(group):
