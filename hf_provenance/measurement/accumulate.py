@@ -35,6 +35,21 @@ class SideSums:
 
 
 @dataclass
+class BlockResult:
+    """What one group of B row blocks contributes to a PairAccumulator: O(B + n) numbers, no block data."""
+
+    scalars: np.ndarray      # (B, len(SCALARS)) float64
+    col_a: torch.Tensor      # (B, n) float64 column sums
+    col_b: torch.Tensor
+    sdd: float
+    equal: int
+    cast_equal: int
+    max_abs_diff: float
+    nonfinite: int
+    sketch: torch.Tensor | None  # (n, SKETCH_K) float64, one arbitrary axis only
+
+
+@dataclass
 class BlockSums:
     """Sums over one block of rows: the SCALARS plus the block's column sums."""
 
@@ -69,28 +84,30 @@ class SimHasher:
         self.seed = seed
         self.acc = torch.zeros(self.groups, n_cols, dtype=torch.float64)
 
+    def _row_hash(self, first_row: int, k: int) -> torch.Tensor:
+        return _mix64(torch.arange(first_row, first_row + k, dtype=torch.int64), self.seed + 2)
+
     def signs(self, first_row: int, k: int) -> torch.Tensor:
-        """s_r for rows [first_row, first_row + k), float32 (hashed once per row range, cached)."""
-        if getattr(self, "_sign_rows", None) != (first_row, k):
-            h = _mix64(torch.arange(first_row, first_row + k, dtype=torch.int64), self.seed + 2)
-            self._hash, self._sign_rows = h, (first_row, k)
-            self._sign = torch.where((h >> 8) & 1 == 1, 1.0, -1.0).to(torch.float32)
-        return self._sign
+        """s_r for rows [first_row, first_row + k), float32."""
+        return torch.where((self._row_hash(first_row, k) >> 8) & 1 == 1, 1.0, -1.0).to(torch.float32)
 
-    def add(self, projection: torch.Tensor) -> None:
-        """Add s_rᵀ·x computed elsewhere (the measurement fuses it with the column sums: one pass); G = 1 only."""
-        self.acc[0] += projection.to("cpu", torch.float64)
-
-    def update(self, rows: torch.Tensor, first_row: int) -> None:
+    def contribution(self, rows: torch.Tensor, first_row: int) -> torch.Tensor:
+        """U's share from rows [first_row, first_row + k), (G, n) float64; changes nothing (thread-safe)."""
         k = rows.shape[0]
         x = rows.to("cpu", torch.float32).reshape(k, self.n_cols)
         sign = self.signs(first_row, k)
         if self.groups == 1:
-            self.acc[0] += (sign @ x).double()
-            return
+            return (sign @ x).double().unsqueeze(0)
         mix = torch.zeros(self.groups, k)
-        mix[(self._hash & 0xFFFF) % self.groups, torch.arange(k)] = sign
-        self.acc += (mix @ x).double()
+        mix[(self._row_hash(first_row, k) & 0xFFFF) % self.groups, torch.arange(k)] = sign
+        return (mix @ x).double()
+
+    def add(self, share: torch.Tensor) -> None:
+        """Add a ``contribution``, or s_rᵀ·x computed elsewhere (the measurement fuses it with the column sums)."""
+        self.acc += share.to("cpu", torch.float64).reshape(self.groups, self.n_cols)
+
+    def update(self, rows: torch.Tensor, first_row: int) -> None:
+        self.add(self.contribution(rows, first_row))
 
     def digest(self) -> str:
         flat = self.acc.reshape(-1)
@@ -189,9 +206,15 @@ class PairAccumulator:
             cols = y.view(blocks, -1, y.shape[1]).sum(1).double()
         return SideSums(x, y, y.sum(1), cols, _block_dots(y, y, blocks), blocks, projection)
 
-    def update(self, a, b, *, blocks: int = 1, _masked: bool = False) -> None:
-        """a, b: float32 (B·k, n_cols) rows already mapped into the base's index space (B = ``blocks`` equal
-        blocks of k rows, each kept apart for the jackknife), or their ``side`` sums.
+    def update(self, a, b, *, blocks: int = 1) -> None:
+        """Measure rows a, b and add them: ``add(measure(a, b))``."""
+        self.add(self.measure(a, b, blocks=blocks))
+
+    def measure(self, a, b, *, blocks: int = 1, _masked: bool = False) -> "BlockResult":
+        """What one group of rows contributes, without adding it (safe on several threads at once once the first
+        group has fixed each side's scale and shift). a, b: float32 (B·k, n_cols) rows already mapped into the
+        base's index space (B = ``blocks`` equal blocks of k rows, each kept apart for the jackknife), or their
+        ``side`` sums.
 
         All scalars are reduced on the device and fetched with one synchronisation; one call for B sampled blocks
         spares B−1 rounds of per-call overhead.
@@ -203,8 +226,9 @@ class PairAccumulator:
         # differences in stored units, before any scaling (into a reused buffer when the stream lends one)
         buf = self.buffers.diff(sa.raw) if self.buffers is not None else None
         d = (torch.sub(sa.raw, sb.raw, out=buf) if buf is not None else sa.raw - sb.raw).reshape(-1)
+        cast_equal = 0
         if self.cast_dtype is not None:
-            self.cast_equal += int((sa.raw.reshape(-1).to(self.cast_dtype).float() == sb.raw.reshape(-1)).sum())
+            cast_equal = int((sa.raw.reshape(-1).to(self.cast_dtype).float() == sb.raw.reshape(-1)).sum())
         ra, rb = sa.rows.view(nb, k), sb.rows.view(nb, k)
         lo, hi = torch.aminmax(d) if d.numel() else (torch.zeros(()), torch.zeros(()))
         per_block = torch.stack([
@@ -216,24 +240,33 @@ class PairAccumulator:
         if not _masked and not (np.isfinite(per_block[:3]).all() and math.isfinite(sdd)):
             # rare: NaN/Inf values; count them and redo the rows with them set to 0 (in stored units)
             fin = torch.isfinite(sa.raw) & torch.isfinite(sb.raw)
-            self.nonfinite += int(fin.numel() - fin.sum())
-            self.update(torch.where(fin, sa.raw, 0.0), torch.where(fin, sb.raw, 0.0), blocks=nb, _masked=True)
-            return
+            out = self.measure(torch.where(fin, sa.raw, 0.0), torch.where(fin, sb.raw, 0.0), blocks=nb, _masked=True)
+            out.nonfinite = int(fin.numel() - fin.sum())
+            return out
         saa, sbb, sab, s_a, s_b, rab, raa, rbb = per_block
-        s = np.stack([np.full(nb, float(k)), s_a, s_b, saa, sbb, sab, rab, raa, rbb], axis=1)  # (B, SCALARS)
-        self.totals += s.sum(0)
-        self.col_a += sa.cols.sum(0)
-        self.col_b += sb.cols.sum(0)
-        self.sdd += sdd
-        self.equal += int(equal)
-        self.max_abs_diff = max(self.max_abs_diff, neg_lo, hi_v)
-        if self.keep_blocks:
-            ca, cb = sa.cols.cpu().numpy(), sb.cols.cpu().numpy()
-            self.blocks.extend(BlockSums(s[i], ca[i], cb[i]) for i in range(nb))
+        scalars = np.stack([np.full(nb, float(k)), s_a, s_b, saa, sbb, sab, rab, raa, rbb], axis=1)  # (B, SCALARS)
+        sketch = None
         if self.sketch:
             ar = sa.x - (sa.rows / self.n_cols).unsqueeze(1)
             br = sb.x - (sb.rows / self.n_cols).unsqueeze(1)
-            self.sketch_acc += (ar.T @ (br @ self._g)).double()
+            sketch = (ar.T @ (br @ self._g)).double()
+        return BlockResult(scalars, sa.cols, sb.cols, sdd, int(equal), cast_equal, max(neg_lo, hi_v), 0, sketch)
+
+    def add(self, r: "BlockResult") -> None:
+        """Fold one group's contribution into the totals (callers add groups in row order: deterministic sums)."""
+        self.totals += r.scalars.sum(0)
+        self.col_a += r.col_a.sum(0)
+        self.col_b += r.col_b.sum(0)
+        self.sdd += r.sdd
+        self.equal += r.equal
+        self.cast_equal += r.cast_equal
+        self.nonfinite += r.nonfinite
+        self.max_abs_diff = max(self.max_abs_diff, r.max_abs_diff)
+        if self.keep_blocks:
+            ca, cb = r.col_a.cpu().numpy(), r.col_b.cpu().numpy()
+            self.blocks.extend(BlockSums(r.scalars[i], ca[i], cb[i]) for i in range(len(r.scalars)))
+        if r.sketch is not None:
+            self.sketch_acc += r.sketch
 
     def raw_totals(self) -> np.ndarray:
         """The scalar sums of the values as stored (shift and scale undone)."""

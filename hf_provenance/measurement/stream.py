@@ -7,7 +7,10 @@ read on a background thread while the current one is computed (preadv and torch 
 
 from __future__ import annotations
 
+import math
+import threading
 import zlib
+from collections import deque
 from contextlib import contextmanager
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -16,7 +19,7 @@ import numpy as np
 import torch
 
 from hf_provenance.alignment.plan import ARBITRARY, AlignmentPlan, PairSpec
-from hf_provenance.measurement.accumulate import ByteHasher, PairAccumulator, SideSums, SimHasher, row_hashes
+from hf_provenance.measurement.accumulate import ByteHasher, PairAccumulator, SimHasher, row_hashes
 from hf_provenance.measurement.memory import release_free_memory
 from hf_provenance.measurement.sampling import FULL_READ_CHUNK, RowSample, block_rows, draw
 from hf_provenance.measurement.transposed import TransposedRows
@@ -86,11 +89,13 @@ def _cast_target(dtype_a: str, dtype_b: str) -> torch.dtype | None:
 
 
 def measure_pair(pair: PairSpec, base, cand, *, fraction: float | None, rng: np.random.Generator,
-                 device: torch.device, seed: int, buffers: "BlockBuffers | None" = None) -> TensorMeasurement:
-    """Measure one pair. ``base``/``cand`` are ModelSources."""
+                 device: torch.device, seed: int, buffers: "BlockBuffers | None" = None,
+                 pool: ThreadPoolExecutor | None = None, sample: RowSample | None = None) -> TensorMeasurement:
+    """Measure one pair. ``base``/``cand`` are ModelSources; ``pool`` (the plan's workers) measures big blocks
+    in parallel, inline without it. ``sample``: the rows to read when already drawn (else drawn here)."""
     ia, ib = base.inventory[pair.base_name], cand.inventory[pair.cand_name]
     n_cols = pair.n_cols
-    sample = draw(pair.n_rows, n_cols * ia.itemsize, fraction, rng)
+    sample = sample if sample is not None else draw(pair.n_rows, n_cols * ia.itemsize, fraction, rng)
     scaled_a = _has_scale(base, pair.base_name)
     scaled_b = _has_scale(cand, pair.cand_name)
     trans = pair.transposed
@@ -117,47 +122,110 @@ def measure_pair(pair: PairSpec, base, cand, *, fraction: float | None, rng: np.
 
     # SHA-256 only answers "same stored bytes?": once a block differs (or the dtypes do) it stops hashing
     bytes_differ = [ia.dtype != ib.dtype]
+    # file order for the hashes when several workers read: one turnstile per side
+    turns = (_InOrder(), _InOrder())
 
-    # a side's own sums are taken on its loader thread unless the main thread still remaps its blocks
-    own_sums = (pair.base_cols is None,
-                pair.col_map is None and pair.col_sign is None and pair.col_scale is None and pair.row_sign is None)
+    # big blocks (full reads) are measured by worker threads, a whole group each (both sides, their own sums and
+    # the cross terms) so that both cores compute while reads are in flight; small sampled blocks cost less inline
+    # than the hand-offs (their reads were hinted ahead below)
+    threaded = big_blocks(sample, ia.row_bytes)
+    # inline, equal sampled blocks are measured several at a time (one call, the jackknife still sees each block)
+    groups = [[blk] for blk in sample.blocks] if threaded else _batches(sample.blocks, ia.row_bytes)
+    bufs = buffers if buffers is not None and device.type == "cpu" else None
 
-    def load(side, group):
-        xs = [read_block(side, block) for block in group]
-        x = xs[0] if len(xs) == 1 else torch.cat(xs)
-        which, sim, first = ("a" if side is sides[0] else "b"), side[6], group[0][0]
-        if not own_sums[which == "b"]:
-            if sim is not None:
-                sim.update(x, first)
-            return x
-        # a SimHash over one group's rows rides on the column sums' pass when it can (groups are consecutive rows)
-        fuse = sim is not None and sim.groups == 1 and len(group) == 1
-        sums = acc.side(x, which, len(group), project=sim.signs(first, x.shape[0]) if fuse else None)
-        if sim is not None:
-            if sums.projection is not None:
-                sim.add(sums.projection)
-            else:
-                sim.update(x, first)
-        return sums
-
-    def read_block(side, block):
-        """Read one block of one side (each side on its own thread); hashes that need file order are fed here."""
-        src, name, idx, scaled, info, sha, _, tview = side
+    def read_block(i, g, block):
+        """Rows of one block of side i, 2-D: a float32 tensor, or a view of this thread's read buffer in the stored
+        dtype (valid until its next read). Hashes that need file order are fed here."""
+        src, name, idx, scaled, info, sha, _, tview = sides[i]
         s, e = block
         if tview is not None:
-            return tview.rows(idx, s, e)
+            with tlocks[i]:  # one column window per side: its blocks are served in turn
+                return tview.rows(idx, s, e)
         if pair.is_vector and idx is not None:  # a piece of a fused bias: its elements
             return src.reader.read_rows(name, 0, 1).reshape(1, -1)[:, torch.from_numpy(np.asarray(idx))]
         if scaled:
-            x = read_indexed(src.reader, name, idx, s, e, raw=False)
-        else:
-            raw = read_indexed(src.reader, name, idx, s, e, raw=True, copy=False)
-            if sha is not None and not bytes_differ[0]:
-                sha.update(raw)
-            # the raw rows are a view of the reader's buffer, which the next read overwrites: always copy
-            ring = rings[0 if side is sides[0] else 1]
-            x = ring.take(raw.shape).copy_(raw) if ring is not None else raw.to(torch.float32, copy=True)
+            return read_indexed(src.reader, name, idx, s, e, raw=False).reshape(-1, info.row_len)
+        x = read_indexed(src.reader, name, idx, s, e, raw=True, copy=False)
+        if sha is not None and not bytes_differ[0]:
+            with turns[i].turn(g):
+                if not bytes_differ[0]:
+                    sha.update(x)
         return x.reshape(-1, info.row_len)
+
+    def read_side(i, g, group):
+        """Group g of side i as float32 rows, in this thread's reusable buffer when the stream lends one."""
+        k = sum(e - s for s, e in group)
+        out, o = None, 0
+        for blk in group:
+            x = read_block(i, g, blk)
+            if bufs is None:
+                out = x.to(torch.float32, copy=True) if out is None else torch.cat([out, x.to(torch.float32)])
+                continue
+            if out is None:
+                out = bufs.take(i, (k, x.shape[1]))
+            out[o:o + x.shape[0]].copy_(x)
+            o += x.shape[0]
+        return out
+
+    def work(g, group):
+        """Read, remap and measure group g (a worker thread, or inline): returns small results only."""
+        try:
+            first = group[0][0]
+            a, b = read_side(0, g, group), read_side(1, g, group)
+        finally:
+            for i in (0, 1):  # a group that stopped early still lets the next ones hash in order
+                if sides[i][5] is not None:
+                    turns[i].skip(g)
+        shares = [None, None]
+        if sim_a is not None:
+            fuse_a = sim_a.groups == 1 and len(group) == 1
+            shares[0] = sim_a.signs(first, a.shape[0]) if fuse_a else sim_a.contribution(a, first)
+        remap_b = any(v is not None for v in (pair.col_map, pair.col_sign, pair.col_scale, pair.row_sign))
+        if sim_b is not None and (remap_b or sim_b.groups > 1 or len(group) > 1):
+            shares[1] = sim_b.contribution(b, first)  # of the values as stored, before any remapping
+        elif sim_b is not None:
+            shares[1] = sim_b.signs(first, b.shape[0])
+        if pair.base_cols is not None:
+            a = a[:, torch.from_numpy(np.asarray(pair.base_cols, dtype=np.int64))]
+        if pair.col_map is not None:
+            b = b[:, torch.from_numpy(np.asarray(pair.col_map))]
+        if pair.col_sign is not None:
+            b = b * torch.from_numpy(np.asarray(pair.col_sign, dtype=np.float32))
+        if pair.col_scale is not None:
+            b = b * torch.from_numpy(np.asarray(pair.col_scale, dtype=np.float32))
+        if pair.row_sign is not None:
+            signs = np.concatenate([np.asarray(pair.row_sign[s:e], dtype=np.float32) for s, e in group])
+            b = b * torch.from_numpy(signs).unsqueeze(1)
+        extra = {}
+        if want_rowhash:
+            extra["rh"] = (row_hashes(a, seed), row_hashes(b, seed))
+        if pair.is_vector:
+            extra["vec"] = tuple(x.reshape(-1).cpu().numpy().astype(np.float64) for x in (a, b))
+        # a SimHash over one block rides on the column sums' pass (row signs in, wᵀx out) when it can
+        sums = []
+        for i, (x, share) in enumerate(((a, shares[0]), (b, shares[1]))):
+            fused = share is not None and share.dim() == 1
+            sums.append(acc.side(x, "ab"[i], len(group), project=share if fused else None))
+            if fused:
+                shares[i] = sums[i].projection if sums[i].projection is not None else \
+                    (shares[i] @ sums[i].raw).double()
+        res = acc.measure(sums[0], sums[1], blocks=len(group))
+        if res.equal != a.numel():
+            bytes_differ[0] = True
+        return res, shares, extra
+
+    def fold(out):
+        res, shares, extra = out
+        acc.add(res)
+        for sim, share in ((sim_a, shares[0]), (sim_b, shares[1])):
+            if sim is not None:
+                sim.add(share)
+        if "rh" in extra:
+            rh_a.append(extra["rh"][0])
+            rh_b.append(extra["rh"][1])
+        if "vec" in extra:
+            vec_a.append(extra["vec"][0])
+            vec_b.append(extra["vec"][1])
 
     for side in sides:  # blocks ahead: remote sources fetch them coalesced, local ones hint the kernel
         src, idx, tview = side[0], side[2], side[7]
@@ -168,48 +236,23 @@ def measure_pair(pair: PairSpec, base, cand, *, fraction: float | None, rng: np.
         prefetch([(side[1], int(a), int(b)) for a, b in sample.blocks] if idx is None else
                  [(side[1], int(r), int(r) + 1) for a, b in sample.blocks for r in np.asarray(idx)[a:b]])
 
-    # big blocks (full reads) are loaded on two threads, overlapping reads and per-side sums with the cross terms;
-    # small sampled blocks cost less inline than the hand-offs (their reads were hinted ahead above)
-    threaded = bool(sample.blocks) and sample.rows_read * max(ia.row_bytes, 1) >= len(sample.blocks) * FULL_READ_CHUNK
-    # inline, equal sampled blocks are measured several at a time (one call, the jackknife still sees each block)
-    groups = [[blk] for blk in sample.blocks] if threaded else _batches(sample.blocks, ia.row_bytes)
-    rings: tuple = (None, None)
-    if threaded and device.type == "cpu":  # reused block buffers: no allocation churn on the loader threads
-        most = max(e - s for s, e in sample.blocks)
-        buffers = buffers if buffers is not None else BlockBuffers()
-        rings = (buffers.ring(0, most * ia.row_len), buffers.ring(1, most * ib.row_len))
-        acc.buffers = buffers
-    with (ThreadPoolExecutor(max_workers=2) if threaded else _Inline()) as pool, _intra_op_threads(1 if threaded else None):
-        def submit(group):
-            return pool.submit(load, sides[0], group), pool.submit(load, sides[1], group)
-
-        pending = submit(groups[0]) if groups else None
-        for i, group in enumerate(groups):
-            a, b = pending[0].result(), pending[1].result()
-            if i + 1 < len(groups):
-                pending = submit(groups[i + 1])
-            if pair.base_cols is not None:
-                a = a[:, torch.from_numpy(np.asarray(pair.base_cols, dtype=np.int64))]
-            if pair.col_map is not None:
-                b = b[:, torch.from_numpy(np.asarray(pair.col_map))]
-            if pair.col_sign is not None:
-                b = b * torch.from_numpy(np.asarray(pair.col_sign, dtype=np.float32))
-            if pair.col_scale is not None:
-                b = b * torch.from_numpy(np.asarray(pair.col_scale, dtype=np.float32))
-            if pair.row_sign is not None:
-                signs = np.concatenate([np.asarray(pair.row_sign[s:e], dtype=np.float32) for s, e in group])
-                b = b * torch.from_numpy(signs).unsqueeze(1)
-            raw_a, raw_b = (x.raw if isinstance(x, SideSums) else x for x in (a, b))
-            if want_rowhash:
-                rh_a.append(row_hashes(raw_a, seed))
-                rh_b.append(row_hashes(raw_b, seed))
-            if pair.is_vector:
-                vec_a.append(raw_a.reshape(-1).cpu().numpy().astype(np.float64))
-                vec_b.append(raw_b.reshape(-1).cpu().numpy().astype(np.float64))
-            equal_before = acc.equal
-            acc.update(a, b, blocks=len(group))
-            if acc.equal - equal_before != raw_a.numel():
-                bytes_differ[0] = True
+    tlocks = (threading.Lock(), threading.Lock())
+    if bufs is not None:
+        acc.buffers = bufs
+    parallel = threaded and pool is not None
+    pool = pool if parallel else _Inline()
+    # groups in flight: two per worker; one when a transposed side's column window must serve its blocks in order
+    depth = 1 if not parallel or any(t is not None for t in tviews) else 2 * WORKERS
+    with _intra_op_threads(1 if parallel else None):  # (measure_plan already runs with one)
+        if groups:
+            fold(work(0, groups[0]))  # the first group fixes each side's scale and shift; the rest run in parallel
+        pending: deque = deque()
+        nxt = 1
+        while nxt < len(groups) or pending:
+            while nxt < len(groups) and len(pending) < depth:
+                pending.append(pool.submit(work, nxt, groups[nxt]))
+                nxt += 1
+            fold(pending.popleft().result())
     if hash_a is not None and hash_b is not None:
         if bytes_differ[0]:
             m.sha_a = m.sha_b = None
@@ -242,6 +285,7 @@ def _intra_op_threads(n: int | None):
         torch.set_num_threads(before)
 
 
+WORKERS = 2  # threads measuring the big blocks of full reads (each a whole group: both sides, all sums)
 BATCH_BYTES = 8 * 1024 * 1024  # stored bytes per side measured in one call on the inline path
 
 
@@ -260,46 +304,52 @@ def _batches(blocks, row_bytes: int) -> list[list[tuple[int, int]]]:
 
 
 class BlockBuffers:
-    """Float32 block buffers reused across the tensors of a plan: a ring per side for the loader threads and one
-    for the main thread's differences. They grow to the largest block and are never freed in between, so the
-    stream allocates nothing per block or per tensor (allocation churn fragmented glibc's heaps: +19 MiB of
-    resident memory per 3B-model tensor)."""
+    """Float32 block buffers reused across the tensors of a plan, per thread: one per side and one for the
+    differences. They grow to the largest block and are never freed in between, so the stream allocates nothing per
+    block or per tensor (allocation churn fragmented glibc's heaps: +19 MiB of resident memory per 3B-model tensor).
+    A thread's buffers hold only the group it is measuring, and go when the thread ends."""
 
     def __init__(self):
-        self._rings: dict[int, _Ring] = {}
-        self._diff = torch.empty(0)
+        self._local = threading.local()
 
-    def ring(self, side: int, numel: int) -> "_Ring":
-        r = self._rings.get(side)
-        if r is None or r.capacity < numel:
-            r = self._rings[side] = _Ring(numel)
-        return r
+    def _get(self, slot: int, numel: int) -> torch.Tensor:
+        bufs = self._local.__dict__.setdefault("bufs", {})
+        buf = bufs.get(slot)
+        if buf is None or buf.numel() < numel:
+            buf = bufs[slot] = torch.empty(numel)
+        return buf
+
+    def take(self, side: int, shape) -> torch.Tensor:
+        """This thread's float32 buffer for ``side`` (0 base, 1 candidate), viewed as ``shape``."""
+        n = math.prod(shape)
+        return self._get(side, n)[:n].view(*shape)
 
     def diff(self, like: torch.Tensor) -> torch.Tensor | None:
         if like.device.type != "cpu":
             return None
-        if self._diff.numel() < like.numel():
-            self._diff = torch.empty(like.numel())
-        return self._diff[: like.numel()].view(like.shape)
+        return self._get(2, like.numel())[: like.numel()].view(like.shape)
 
 
-class _Ring:
-    """Two reusable float32 block buffers for one side of the threaded loop. The loader fills one while the main
-    thread reads the other; block i + 2 is submitted only after block i has been consumed, so two suffice. Reusing
-    them spares a multi-MiB allocation per block (and the heap fragmentation it left behind)."""
+class _InOrder:
+    """A turnstile: group g passes ``turn(g)`` once groups 0..g-1 have called ``skip`` (hashes need file order
+    when several workers read)."""
 
-    def __init__(self, numel: int):
-        self._bufs = (torch.empty(numel), torch.empty(numel))
+    def __init__(self):
         self._next = 0
-        self.capacity = numel
+        self._cv = threading.Condition()
 
-    def take(self, shape) -> torch.Tensor:
-        buf = self._bufs[self._next]
-        self._next ^= 1
-        n = 1
-        for d in shape:
-            n *= d
-        return buf[:n].view(*shape)
+    @contextmanager
+    def turn(self, g: int):
+        with self._cv:
+            self._cv.wait_for(lambda: self._next >= g)
+        yield
+
+    def skip(self, g: int) -> None:
+        """Group g is done with this side: let g + 1 through (after g's own turn came)."""
+        with self._cv:
+            self._cv.wait_for(lambda: self._next >= g)
+            self._next = max(self._next, g + 1)
+            self._cv.notify_all()
 
 
 class _Inline:
@@ -326,20 +376,48 @@ def _has_scale(src, name: str) -> bool:
     return bool(fn and fn(name))
 
 
+def big_blocks(sample: RowSample, row_bytes: int) -> bool:
+    """Whether a pair's blocks are big enough (full reads) to be shared out to the workers block by block."""
+    return bool(sample.blocks) and sample.rows_read * max(row_bytes, 1) >= len(sample.blocks) * FULL_READ_CHUNK
+
+
 def measure_plan(plan: AlignmentPlan, base, cand, *, fraction: float | None, seed: int,
                  device: str | torch.device = "cpu", progress=None) -> list[TensorMeasurement]:
-    """Measure every pair of the plan in base file order (so reads are mostly sequential)."""
+    """Measure every pair of the plan in base file order (so reads are mostly sequential).
+
+    Two workers share the CPU: a pair of big blocks (a full read) is split between them block by block; pairs of
+    small blocks (sampled rows, small tensors) are measured whole, one per worker, a few pairs ahead. Results come
+    back in plan order whatever finishes first.
+    """
     dev = torch.device(device)
     buffers = BlockBuffers()
     inv = base.inventory
     order = sorted(plan.pairs, key=lambda p: (inv[p.base_name].file, inv[p.base_name].start))
-    out = []
-    for p in order:
-        out.append(measure_pair(p, base, cand, fraction=fraction, rng=np.random.default_rng([seed, zlib.crc32(p.base_name.encode())]),
-                                device=dev, seed=seed, buffers=buffers))
-        release_free_memory()  # blocks freed on the loader threads' heaps go back now, not never
+    out: list[TensorMeasurement] = []
+    pending: deque = deque()
+
+    def finish(m: TensorMeasurement) -> None:
+        out.append(m)
+        release_free_memory()  # blocks freed on the workers' heaps go back now, not never
         if progress is not None:
-            progress(p, sum(b - a for a, b in out[-1].sample.blocks) * inv[p.base_name].row_bytes)
+            progress(m.pair, sum(b - a for a, b in m.sample.blocks) * inv[m.pair.base_name].row_bytes)
+
+    with ThreadPoolExecutor(max_workers=WORKERS, thread_name_prefix="measure") as pool, _intra_op_threads(1):
+        for p in order:
+            info = inv[p.base_name]
+            rng = np.random.default_rng([seed, zlib.crc32(p.base_name.encode())])
+            sample = draw(p.n_rows, p.n_cols * info.itemsize, fraction, rng)
+            kw = dict(fraction=fraction, rng=rng, device=dev, seed=seed, buffers=buffers, sample=sample)
+            if big_blocks(sample, info.row_bytes):
+                while pending:
+                    finish(pending.popleft().result())
+                finish(measure_pair(p, base, cand, pool=pool, **kw))
+                continue
+            pending.append(pool.submit(measure_pair, p, base, cand, **kw))
+            if len(pending) > 2 * WORKERS:
+                finish(pending.popleft().result())
+        while pending:
+            finish(pending.popleft().result())
     return out
 
 

@@ -167,7 +167,8 @@ def block_size(quantization_config: Mapping[str, Any] | None) -> tuple[int, int]
 class RowReader:
     """Reads row blocks of the tensors of ``inventory`` through ``transport`` (implements ``TensorReader``).
 
-    Calls are serialised by a lock (the buffers are shared); use one reader per thread to read in parallel.
+    Each thread reads into its own reusable buffers, so several threads may share a reader (the measurement's
+    workers do); the reads themselves are serialised by a lock (remote transports keep one connection).
 
     Example:
         >>> reader = RowReader(source.inventory, LocalTransport())      # doctest: +SKIP
@@ -183,7 +184,7 @@ class RowReader:
         self.block = block_size(self.quantization_config)
         self.bytes_read = 0
         self.scale_names = scale_names(self.inventory)
-        self._buffers = [bytearray(), bytearray()]  # weight rows, scale rows
+        self._local = threading.local()  # per thread: [weight rows, scale rows] buffers
         self._lock = threading.Lock()
 
     # --- public -------------------------------------------------------------------------------------------
@@ -208,8 +209,8 @@ class RowReader:
     def read_raw(self, name: str, start: int = 0, stop: int | None = None, *, copy: bool = True) -> torch.Tensor:
         """Rows [start, stop) in the stored dtype, shape (k, row_len).
 
-        ``copy=False`` returns a view of the reader's reusable buffer, valid only until the next read from this
-        reader: for a caller that consumes it at once (hash it, convert it) on the reader's only thread.
+        ``copy=False`` returns a view of the calling thread's reusable buffer, valid only until that thread's next
+        read from this reader: for a caller that consumes it at once (hash it, convert it).
         """
         info = self._info(name)
         start, stop = self._range(info, start, stop)
@@ -232,9 +233,9 @@ class RowReader:
         return out
 
     def release(self) -> None:
-        """Drop the reusable buffers (they grow to the largest block read)."""
-        with self._lock:
-            self._buffers = [bytearray(), bytearray()]
+        """Drop the calling thread's reusable buffers (they grow to the largest block read; a thread's buffers
+        also go when the thread ends)."""
+        self._local.buffers = [bytearray(), bytearray()]
 
     def close(self) -> None:
         self.release()
@@ -260,6 +261,13 @@ class RowReader:
             raise InputError(info.file, f"tensor {info.name!r}: dtype {info.dtype} is not supported by torch "
                                         f"{torch.__version__}")
         return dtype
+
+    @property
+    def _buffers(self) -> list[bytearray]:
+        bufs = getattr(self._local, "buffers", None)
+        if bufs is None:
+            bufs = self._local.buffers = [bytearray(), bytearray()]
+        return bufs
 
     def _fetch(self, info: TensorInfo, first_byte: int, nbytes: int, slot: int) -> memoryview:
         buf = self._buffers[slot]

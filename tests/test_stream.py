@@ -1,0 +1,151 @@
+"""The measurement stream's workers: full reads split block by block over two threads, small pairs measured whole
+and ahead, results in plan order. Whatever the scheduling, the sums must equal a one-thread pass bit for bit,
+hashes must see the bytes in file order, and a failing read must surface instead of hanging."""
+
+from __future__ import annotations
+
+import hashlib
+import threading
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from hf_provenance.alignment.identity import identity_plan
+from hf_provenance.errors import ReadError
+from hf_provenance.measurement import sampling, stream
+from hf_provenance.measurement.sampling import draw
+from hf_provenance.sources import open_model
+from hf_provenance.sources.reader import LocalTransport
+
+
+def _pair(tmp_path, *, same: bool):
+    """A base and a candidate: a big bf16 matrix, a big float32 one, a norm vector and a small matrix."""
+    g = torch.Generator().manual_seed(1)
+    base = {
+        "model.embed_tokens.weight": torch.randn(40_000, 128, generator=g).to(torch.bfloat16),
+        "model.layers.0.mlp.down_proj.weight": torch.randn(12_000, 256, generator=g),
+        "model.layers.0.input_layernorm.weight": 1 + 0.1 * torch.randn(256, generator=g),
+        "model.layers.0.self_attn.q_proj.weight": torch.randn(64, 256, generator=g),
+    }
+    cand = {k: (v if same else (v.float() + 0.3 * torch.randn(v.shape, generator=g)).to(v.dtype))
+            for k, v in base.items()}
+    cand["model.layers.0.mlp.down_proj.weight"][:100] = base["model.layers.0.mlp.down_proj.weight"][:100]
+    out = []
+    for name, tensors in (("base", base), ("model", cand)):
+        d = tmp_path / name
+        d.mkdir()
+        save_file({k: v.contiguous() for k, v in tensors.items()}, str(d / "model.safetensors"))
+        out.append(str(d))
+    return (*out, base, cand)
+
+
+def _sequential(plan, base, model, fraction, seed):
+    """The reference: every pair measured inline on this thread, one block group after another (with the one
+    torch thread the workers use: float32 reductions split over more threads would add in another order)."""
+    inv = base.inventory
+    out = []
+    with stream._intra_op_threads(1):
+        for p in sorted(plan.pairs, key=lambda p: (inv[p.base_name].file, inv[p.base_name].start)):
+            rng = np.random.default_rng([seed, stream.zlib.crc32(p.base_name.encode())])
+            sample = draw(p.n_rows, p.n_cols * inv[p.base_name].itemsize, fraction, rng)
+            out.append(stream.measure_pair(p, base, model, fraction=fraction, rng=rng,
+                                           device=torch.device("cpu"), seed=seed, sample=sample))
+    return out
+
+
+def _fingerprint(m) -> tuple:
+    acc = m.acc
+    return (m.pair.base_name, acc.totals.tobytes(), acc.col_a.numpy().tobytes(), acc.col_b.numpy().tobytes(),
+            acc.sdd, acc.equal, acc.max_abs_diff, m.sha_a, m.sha_b, m.simhash_a, m.simhash_b, len(acc.blocks),
+            tuple(b.scalars.tobytes() for b in acc.blocks), m.sample.blocks)
+
+
+@pytest.fixture
+def small_chunks(monkeypatch):
+    """64 KiB full-read blocks: the big tensors become dozens of groups shared between the workers."""
+    monkeypatch.setattr(sampling, "FULL_READ_CHUNK", 64 * 1024)
+    monkeypatch.setattr(stream, "FULL_READ_CHUNK", 64 * 1024)
+
+
+@pytest.mark.parametrize("fraction", [None, 0.1])
+def test_workers_give_the_sums_of_one_thread_bit_for_bit(tmp_path, small_chunks, fraction):
+    base_dir, model_dir, base_t, cand_t = _pair(tmp_path, same=False)
+    base, model = open_model(base_dir), open_model(model_dir)
+    plan, _ = identity_plan(base, model)
+    groups = {p.base_name: len(draw(p.n_rows, p.n_cols * base.inventory[p.base_name].itemsize, fraction,
+                                    np.random.default_rng(0)).blocks) for p in plan.pairs}
+    if fraction is None:
+        assert max(groups.values()) >= 20  # the parallel path really has many groups to share out
+    else:
+        assert sum(1 for p in plan.pairs if p.n_rows >= 12_000) == 2  # two sampled pairs, measured whole ahead
+    parallel = stream.measure_plan(plan, base, model, fraction=fraction, seed=4)
+    again = stream.measure_plan(plan, base, model, fraction=fraction, seed=4)
+    reference = _sequential(plan, base, model, fraction, 4)
+    assert [_fingerprint(m) for m in parallel] == [_fingerprint(m) for m in reference]
+    assert [_fingerprint(m) for m in again] == [_fingerprint(m) for m in reference]
+    big = next(m for m in parallel if m.pair.base_name.endswith("down_proj.weight"))
+    if fraction is None:
+        name = "model.layers.0.mlp.down_proj.weight"
+        assert big.acc.equal == int((base_t[name] == cand_t[name]).sum()) >= 100 * 256  # exact across groups
+        assert big.bytes_differ and big.sha_a is None
+
+
+def test_hashes_see_the_bytes_in_file_order(tmp_path, small_chunks):
+    """Identical tensors of many groups: the per-tensor SHA-256 equals hashlib over the stored bytes, which only
+    holds if the workers fed the hash in file order."""
+    base_dir, model_dir, base_t, _ = _pair(tmp_path, same=True)
+    base, model = open_model(base_dir), open_model(model_dir)
+    plan, _ = identity_plan(base, model)
+    for _ in range(3):  # a race shows on some runs only
+        ms = {m.pair.base_name: m for m in stream.measure_plan(plan, base, model, fraction=None, seed=0)}
+        for name, t in base_t.items():
+            want = hashlib.sha256(t.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()).hexdigest()
+            assert ms[name].sha_a == ms[name].sha_b == want, name
+            assert ms[name].acc.equal == t.numel() and ms[name].acc.max_abs_diff == 0.0
+
+
+def test_a_failing_read_in_a_worker_is_raised_not_hung(tmp_path, small_chunks, monkeypatch):
+    base_dir, model_dir, *_ = _pair(tmp_path, same=True)
+    base, model = open_model(base_dir), open_model(model_dir)
+    plan, _ = identity_plan(base, model)
+    real, calls, lock = LocalTransport.pread_into, [0], threading.Lock()
+
+    def flaky(self, file, offset, buffer):
+        with lock:
+            calls[0] += 1
+            n = calls[0]
+        if n == 25:  # in the middle of the first big tensor, while other groups are in flight
+            raise ReadError(file, "read failed at byte 0: Input/output error")
+        return real(self, file, offset, buffer)
+
+    monkeypatch.setattr(LocalTransport, "pread_into", flaky)
+    outcome = []
+
+    def run():
+        try:
+            stream.measure_plan(plan, base, model, fraction=None, seed=0)
+            outcome.append("finished")
+        except ReadError as exc:
+            outcome.append(exc)
+
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    t.join(timeout=60)
+    assert not t.is_alive(), "the stream hung after a failed read"
+    assert len(outcome) == 1 and isinstance(outcome[0], ReadError)
+
+
+def test_one_reader_serves_several_threads_their_own_rows(tmp_path):
+    """Raw views of the reader's buffer are per thread: a read on another thread does not overwrite them."""
+    path = tmp_path / "m.safetensors"
+    w = torch.arange(64 * 32, dtype=torch.float32).reshape(64, 32).to(torch.bfloat16)
+    save_file({"w": w}, str(path))
+    reader = open_model(str(tmp_path)).reader
+    first = reader.read_raw("w", 0, 8, copy=False)
+    seen = []
+    t = threading.Thread(target=lambda: seen.append(reader.read_raw("w", 32, 40, copy=False).clone()))
+    t.start()
+    t.join()
+    assert torch.equal(first, w[0:8]) and torch.equal(seen[0], w[32:40])
