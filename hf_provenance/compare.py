@@ -52,8 +52,9 @@ def _arch(base, model) -> dict | None:
 
 
 def _evaluate(plan, base, model, *, sample, seed, device, progress, th):
-    measurements = measure_plan(plan, base, model, fraction=sample, seed=seed, device=device, progress=progress)
-    tensors = [summarize(m, seed=seed) for m in measurements]
+    # each pair's statistics are computed on the thread that measured it, while the next pairs are read
+    tensors = measure_plan(plan, base, model, fraction=sample, seed=seed, device=device, progress=progress,
+                           then=lambda m: summarize(m, seed=seed))
     tensors.sort(key=lambda t: (t.layer if t.layer is not None else -1, t.name))
     components = aggregate.by(tensors, lambda t: t.component, th)
     layer_groups = aggregate.by([t for t in tensors if t.layer is not None], lambda t: t.layer, th)

@@ -303,11 +303,15 @@ def _times_pow2(x: torch.Tensor, factor: float) -> torch.Tensor:
     return torch.ldexp(x, torch.tensor(math.frexp(factor)[1] - 1, dtype=torch.int32))
 
 
+SCALE_PROBE = 1 << 18  # values of a side's first block that fix its power-of-two scale
+
+
 def _pow2_scale(x: torch.Tensor) -> float:
-    """2^k bringing the first block's largest magnitude near 1 when it is below 1e-15 or above 1e15, else 1."""
+    """2^k bringing the largest magnitude among the first block's first SCALE_PROBE values near 1 when it is below
+    1e-15 or above 1e15, else 1 (only float32 range matters here: the scaling is exact and undone)."""
     if not x.numel():
         return 1.0
-    lo, hi = torch.aminmax(x)
+    lo, hi = torch.aminmax(x.reshape(-1)[:SCALE_PROBE])
     peak = max(-float(lo), float(hi))
     if not math.isfinite(peak) or peak == 0.0 or 1e-15 <= peak <= 1e15:
         return 1.0

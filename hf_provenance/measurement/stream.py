@@ -90,9 +90,11 @@ def _cast_target(dtype_a: str, dtype_b: str) -> torch.dtype | None:
 
 def measure_pair(pair: PairSpec, base, cand, *, fraction: float | None, rng: np.random.Generator,
                  device: torch.device, seed: int, buffers: "BlockBuffers | None" = None,
-                 pool: ThreadPoolExecutor | None = None, sample: RowSample | None = None) -> TensorMeasurement:
+                 pool: ThreadPoolExecutor | None = None, sample: RowSample | None = None,
+                 hint: bool = True) -> TensorMeasurement:
     """Measure one pair. ``base``/``cand`` are ModelSources; ``pool`` (the plan's workers) measures big blocks
-    in parallel, inline without it. ``sample``: the rows to read when already drawn (else drawn here)."""
+    in parallel, inline without it. ``sample``: the rows to read when already drawn (else drawn here).
+    ``hint``: announce the blocks to the sources first (False when the caller already did, further ahead)."""
     ia, ib = base.inventory[pair.base_name], cand.inventory[pair.cand_name]
     n_cols = pair.n_cols
     sample = sample if sample is not None else draw(pair.n_rows, n_cols * ia.itemsize, fraction, rng)
@@ -227,14 +229,8 @@ def measure_pair(pair: PairSpec, base, cand, *, fraction: float | None, rng: np.
             vec_a.append(extra["vec"][0])
             vec_b.append(extra["vec"][1])
 
-    for side in sides:  # blocks ahead: remote sources fetch them coalesced, local ones hint the kernel
-        src, idx, tview = side[0], side[2], side[7]
-        prefetch = getattr(src, "prefetch", None)
-        if (prefetch is None or not sample.blocks or tview is not None or (pair.is_vector and idx is not None)
-                or (sample.full and not getattr(src, "prefetch_full_reads", True))):
-            continue
-        prefetch([(side[1], int(a), int(b)) for a, b in sample.blocks] if idx is None else
-                 [(side[1], int(r), int(r) + 1) for a, b in sample.blocks for r in np.asarray(idx)[a:b]])
+    if hint:
+        _hint_ahead(pair, sample, base, cand)
 
     tlocks = (threading.Lock(), threading.Lock())
     if bufs is not None:
@@ -285,6 +281,8 @@ def _intra_op_threads(n: int | None):
         torch.set_num_threads(before)
 
 
+TRIM_CHECK_BYTES = 64 * 1024 * 1024  # stored bytes measured between looks at the resident set
+READ_AHEAD = 128 * 1024 * 1024  # stored bytes of small pairs announced to the sources ahead of the workers
 WORKERS = 2  # threads measuring the big blocks of full reads (each a whole group: both sides, all sums)
 BATCH_BYTES = 8 * 1024 * 1024  # stored bytes per side measured in one call on the inline path
 
@@ -376,44 +374,91 @@ def _has_scale(src, name: str) -> bool:
     return bool(fn and fn(name))
 
 
+def _hint_ahead(pair: PairSpec, sample: RowSample, base, cand) -> int:
+    """Announce a pair's blocks to its sources: remote ones fetch them coalesced in the background, local ones
+    hint the kernel (``posix_fadvise(WILLNEED)``). Big sequential full reads are left to the kernel's read-ahead.
+    Returns the stored bytes announced."""
+    if not sample.blocks or pair.is_vector and (pair.base_rows is not None or pair.cand_rows is not None):
+        return 0
+    announced = 0
+    for src, name, idx, t in ((base, pair.base_name, pair.base_rows, pair.transposed[0]),
+                              (cand, pair.cand_name, pair.cand_rows, pair.transposed[1])):
+        prefetch = getattr(src, "prefetch", None)
+        info = src.inventory[name]
+        if (prefetch is None or t or (sample.full and big_blocks(sample, info.row_bytes)
+                                       and not getattr(src, "prefetch_full_reads", True))):
+            continue
+        prefetch([(name, int(a), int(b)) for a, b in sample.blocks] if idx is None else
+                 [(name, int(r), int(r) + 1) for a, b in sample.blocks for r in np.asarray(idx)[a:b]])
+        announced += sample.rows_read * info.row_bytes
+    return announced
+
+
 def big_blocks(sample: RowSample, row_bytes: int) -> bool:
-    """Whether a pair's blocks are big enough (full reads) to be shared out to the workers block by block."""
-    return bool(sample.blocks) and sample.rows_read * max(row_bytes, 1) >= len(sample.blocks) * FULL_READ_CHUNK
+    """Whether a pair's blocks are big (full-read chunks: FULL_READ_CHUNK rounded down to whole rows) rather than
+    small sampled ones, which are measured several at a time."""
+    return bool(sample.blocks) and 2 * sample.rows_read * max(row_bytes, 1) >= len(sample.blocks) * FULL_READ_CHUNK
 
 
 def measure_plan(plan: AlignmentPlan, base, cand, *, fraction: float | None, seed: int,
-                 device: str | torch.device = "cpu", progress=None) -> list[TensorMeasurement]:
+                 device: str | torch.device = "cpu", progress=None, then=None) -> list:
     """Measure every pair of the plan in base file order (so reads are mostly sequential).
 
     Two workers share the CPU: a pair of big blocks (a full read) is split between them block by block; pairs of
-    small blocks (sampled rows, small tensors) are measured whole, one per worker, a few pairs ahead. Results come
-    back in plan order whatever finishes first.
+    small blocks (sampled rows, small tensors) are measured whole, one per worker, a few pairs ahead, with their
+    blocks announced to the sources up to READ_AHEAD bytes before they are needed. Results come back in plan
+    order whatever finishes first. ``then``: a function applied to each measurement on the thread that made it
+    (the statistics, off the main thread); the list holds its results instead of the measurements.
     """
     dev = torch.device(device)
     buffers = BlockBuffers()
     inv = base.inventory
     order = sorted(plan.pairs, key=lambda p: (inv[p.base_name].file, inv[p.base_name].start))
-    out: list[TensorMeasurement] = []
+    rngs = [np.random.default_rng([seed, zlib.crc32(p.base_name.encode())]) for p in order]
+    samples = [draw(p.n_rows, p.n_cols * inv[p.base_name].itemsize, fraction, r) for p, r in zip(order, rngs)]
+    # split block by block: full reads of several big blocks; anything smaller is one worker's job
+    big = [s.full and len(s.blocks) >= 2 * WORKERS and big_blocks(s, inv[p.base_name].row_bytes)
+           for p, s in zip(order, samples)]
+    out: list = []
     pending: deque = deque()
+    hinted, ahead = 0, deque()  # pairs announced so far; stored bytes announced per pair not yet measured
 
-    def finish(m: TensorMeasurement) -> None:
-        out.append(m)
-        release_free_memory()  # blocks freed on the workers' heaps go back now, not never
+    def hint_from(i: int) -> None:
+        nonlocal hinted
+        while ahead and ahead[0][0] < i:
+            ahead.popleft()
+        while hinted < len(order) and (hinted <= i or sum(b for _, b in ahead) < READ_AHEAD):
+            ahead.append((hinted, _hint_ahead(order[hinted], samples[hinted], base, cand)))
+            hinted += 1
+
+    def run(p, kw):
+        m = measure_pair(p, base, cand, **kw)
+        return m, (then(m) if then is not None else m)
+
+    since_check = [0]
+
+    def finish(done) -> None:
+        m, result = done
+        out.append(result)
+        nbytes = m.sample.rows_read * inv[m.pair.base_name].row_bytes
+        since_check[0] += nbytes
+        if since_check[0] >= TRIM_CHECK_BYTES:  # blocks freed on the workers' heaps go back now, not never
+            since_check[0] = 0
+            release_free_memory()
         if progress is not None:
-            progress(m.pair, sum(b - a for a, b in m.sample.blocks) * inv[m.pair.base_name].row_bytes)
+            progress(m.pair, nbytes)
 
     with ThreadPoolExecutor(max_workers=WORKERS, thread_name_prefix="measure") as pool, _intra_op_threads(1):
-        for p in order:
-            info = inv[p.base_name]
-            rng = np.random.default_rng([seed, zlib.crc32(p.base_name.encode())])
-            sample = draw(p.n_rows, p.n_cols * info.itemsize, fraction, rng)
-            kw = dict(fraction=fraction, rng=rng, device=dev, seed=seed, buffers=buffers, sample=sample)
-            if big_blocks(sample, info.row_bytes):
+        for i, p in enumerate(order):
+            hint_from(i)
+            kw = dict(fraction=fraction, rng=rngs[i], device=dev, seed=seed, buffers=buffers, sample=samples[i],
+                      hint=False)
+            if big[i]:
                 while pending:
                     finish(pending.popleft().result())
-                finish(measure_pair(p, base, cand, pool=pool, **kw))
+                finish(run(p, dict(kw, pool=pool)))
                 continue
-            pending.append(pool.submit(measure_pair, p, base, cand, **kw))
+            pending.append(pool.submit(run, p, kw))
             if len(pending) > 2 * WORKERS:
                 finish(pending.popleft().result())
         while pending:
