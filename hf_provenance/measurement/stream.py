@@ -209,8 +209,9 @@ def measure_pair(pair: PairSpec, base, cand, *, fraction: float | None, rng: np.
             fused = share is not None and share.dim() == 1
             sums.append(acc.side(x, "ab"[i], len(group), project=share if fused else None))
             if fused:
+                raw = sums[i].raw
                 shares[i] = sums[i].projection if sums[i].projection is not None else \
-                    (shares[i] @ sums[i].raw).double()
+                    (shares[i].to(raw.device) @ raw).double()
         res = acc.measure(sums[0], sums[1], blocks=len(group))
         if res.equal != a.numel():
             bytes_differ[0] = True
@@ -424,11 +425,15 @@ def measure_plan(plan: AlignmentPlan, base, cand, *, fraction: float | None, see
     hinted, ahead = 0, deque()  # pairs announced so far; stored bytes announced per pair not yet measured
 
     def hint_from(i: int) -> None:
+        """Announce pairs i, i+1, ... up to READ_AHEAD bytes, on the announcer thread: posix_fadvise blocks while
+        the device queue is full, and the main thread must keep the workers fed meanwhile."""
         nonlocal hinted
         while ahead and ahead[0][0] < i:
             ahead.popleft()
         while hinted < len(order) and (hinted <= i or sum(b for _, b in ahead) < READ_AHEAD):
-            ahead.append((hinted, _hint_ahead(order[hinted], samples[hinted], base, cand)))
+            p, smp = order[hinted], samples[hinted]
+            announcer.submit(_hint_ahead, p, smp, base, cand)
+            ahead.append((hinted, 0 if big[hinted] else 2 * smp.rows_read * inv[p.base_name].row_bytes))
             hinted += 1
 
     def run(p, kw):
@@ -448,7 +453,8 @@ def measure_plan(plan: AlignmentPlan, base, cand, *, fraction: float | None, see
         if progress is not None:
             progress(m.pair, nbytes)
 
-    with ThreadPoolExecutor(max_workers=WORKERS, thread_name_prefix="measure") as pool, _intra_op_threads(1):
+    with (ThreadPoolExecutor(max_workers=WORKERS, thread_name_prefix="measure") as pool,
+          ThreadPoolExecutor(max_workers=1, thread_name_prefix="announce") as announcer, _intra_op_threads(1)):
         for i, p in enumerate(order):
             hint_from(i)
             kw = dict(fraction=fraction, rng=rngs[i], device=dev, seed=seed, buffers=buffers, sample=samples[i],
