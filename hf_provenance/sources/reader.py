@@ -14,6 +14,7 @@ rows the requested weight rows need:
 
 from __future__ import annotations
 
+import contextlib
 import os
 import stat
 import sys
@@ -47,12 +48,14 @@ class ByteTransport(Protocol):
 
 
 class LocalTransport:
-    """``os.preadv`` on one cached file descriptor per file.
+    """``os.preadv`` on one cached file descriptor per file; safe to call from several threads at once.
 
     Args:
         paths: optional map from ``TensorInfo.file`` to the (already validated) path to open, so that symlinks
             resolved and checked by the source are not followed again.
     """
+
+    concurrent = True  # preadv reads at an explicit offset: no shared file position
 
     def __init__(self, paths: Mapping[str, str] | None = None):
         self._paths = dict(paths or {})
@@ -116,6 +119,8 @@ class LocalTransport:
 class MemoryTransport:
     """Serves files held in memory (test bytes; the opt-in pickle path)."""
 
+    concurrent = True
+
     def __init__(self, files: Mapping[str, bytes | bytearray | memoryview]):
         self._files = {name: memoryview(data).cast("B") for name, data in files.items()}
 
@@ -168,7 +173,8 @@ class RowReader:
     """Reads row blocks of the tensors of ``inventory`` through ``transport`` (implements ``TensorReader``).
 
     Each thread reads into its own reusable buffers, so several threads may share a reader (the measurement's
-    workers do); the reads themselves are serialised by a lock (remote transports keep one connection).
+    workers do). Reads run concurrently on transports that declare ``concurrent = True`` (``preadv`` at an offset
+    is), and are serialised by a lock on the others.
 
     Example:
         >>> reader = RowReader(source.inventory, LocalTransport())      # doctest: +SKIP
@@ -185,7 +191,8 @@ class RowReader:
         self.bytes_read = 0
         self.scale_names = scale_names(self.inventory)
         self._local = threading.local()  # per thread: [weight rows, scale rows] buffers
-        self._lock = threading.Lock()
+        self._lock = threading.Lock() if not getattr(transport, "concurrent", False) else contextlib.nullcontext()
+        self._count_lock = threading.Lock()
 
     # --- public -------------------------------------------------------------------------------------------
     def scale_companion(self, name: str) -> str | None:
@@ -275,7 +282,8 @@ class RowReader:
             buf = self._buffers[slot] = bytearray(-(-nbytes // _GROW) * _GROW)
         view = memoryview(buf)[:nbytes]
         self.transport.pread_into(info.file, info.start + first_byte, view)
-        self.bytes_read += nbytes
+        with self._count_lock:
+            self.bytes_read += nbytes
         return view
 
     def _rows(self, info: TensorInfo, start: int, stop: int, slot: int) -> torch.Tensor:
