@@ -149,3 +149,37 @@ def test_one_reader_serves_several_threads_their_own_rows(tmp_path):
     t.start()
     t.join()
     assert torch.equal(first, w[0:8]) and torch.equal(seen[0], w[32:40])
+
+
+def test_concurrent_reads_on_one_reader_return_the_right_rows(tmp_path):
+    """Local reads run without the reader's lock: four threads hammering one reader each get their own rows, and
+    the byte counter adds up."""
+    w = torch.randn(4096, 64, generator=torch.Generator().manual_seed(2)).to(torch.bfloat16)
+    save_file({"w": w}, str(tmp_path / "model.safetensors"))
+    reader = open_model(str(tmp_path)).reader
+    before, errors = reader.bytes_read, []
+
+    def hammer(seed):
+        rng = np.random.default_rng(seed)
+        for _ in range(300):
+            s = int(rng.integers(0, 4000))
+            e = s + int(rng.integers(1, 96))
+            got = reader.read_raw("w", s, min(e, 4096), copy=False).clone()
+            if not torch.equal(got, w[s:min(e, 4096)]):
+                errors.append((s, e))
+            got = reader.read_rows("w", s, min(e, 4096))
+            if not torch.equal(got, w[s:min(e, 4096)].float()):
+                errors.append((s, e))
+
+    threads = [threading.Thread(target=hammer, args=(i,)) for i in range(4)]
+    [t.start() for t in threads]
+    [t.join() for t in threads]
+    assert not errors
+    expected = 0
+    for seed in range(4):
+        rng = np.random.default_rng(seed)
+        for _ in range(300):
+            s = int(rng.integers(0, 4000))
+            e = min(s + int(rng.integers(1, 96)), 4096)
+            expected += 2 * (e - s) * 64 * 2
+    assert reader.bytes_read - before == expected
