@@ -183,3 +183,51 @@ def test_concurrent_reads_on_one_reader_return_the_right_rows(tmp_path):
             e = min(s + int(rng.integers(1, 96)), 4096)
             expected += 2 * (e - s) * 64 * 2
     assert reader.bytes_read - before == expected
+
+
+class _Recorder:
+    """An executor stand-in that runs announcements at once and remembers them."""
+
+    def __init__(self):
+        self.fired = 0
+
+    def submit(self, fn):
+        self.fired += 1
+        fn()
+
+
+def test_read_ahead_stays_a_window_ahead_and_announces_everything(tmp_path):
+    from hf_provenance.measurement.readahead import ReadAhead, pair_bytes, units
+
+    base_dir, model_dir, *_ = _pair(tmp_path, same=False)
+    base, model = open_model(base_dir), open_model(model_dir)
+    plan, _ = identity_plan(base, model)
+    spans = {"base": [], "model": []}
+    for src, side in ((base, "base"), (model, "model")):
+        src.prefetch = lambda blocks, got=spans[side]: got.extend(blocks)
+    pairs = sorted(plan.pairs, key=lambda p: p.base_name)
+    samples = [draw(p.n_rows, p.n_cols * base.inventory[p.base_name].itemsize, None, np.random.default_rng(0))
+               for p in pairs]
+    total = sum(pair_bytes(p, s.rows_read, base, model) for p, s in zip(pairs, samples))
+    biggest = max(u.nbytes for p, s in zip(pairs, samples) for u in units(p, s, base, model, unit=256 * 1024))
+    window = 4 * 1024 * 1024
+    assert total > 4 * window
+    ra = ReadAhead((u for p, s in zip(pairs, samples) for u in units(p, s, base, model, unit=256 * 1024)),
+                   _Recorder(), window=window)
+    assert window <= ra.announced < window + biggest
+    while ra.done < total:
+        ra.consumed(128 * 1024)
+        assert ra.announced - ra.done < window + biggest or ra.announced == total  # never further ahead
+    assert ra.announced == total  # every byte announced exactly once
+    for p, s in zip(pairs, samples):  # each side's rows announced, as the blocks the measurement reads
+        for name, side in ((p.base_name, "base"), (p.cand_name, "model")):
+            got = sorted((a, b) for n, a, b in spans[side] if n == name)
+            assert got == [tuple(map(int, blk)) for blk in s.blocks], name
+
+
+def test_row_maps_are_announced_as_coalesced_runs():
+    from hf_provenance.measurement.readahead import _row_spans
+
+    idx = np.array([5, 6, 7, 0, 1, 9, 3])
+    assert _row_spans("t", idx, 0, 7) == [("t", 0, 2), ("t", 3, 4), ("t", 5, 8), ("t", 9, 10)]
+    assert _row_spans("t", None, 2, 9) == [("t", 2, 9)]

@@ -11,6 +11,7 @@ import math
 import threading
 import zlib
 from collections import deque
+from itertools import chain
 from contextlib import contextmanager
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -21,6 +22,7 @@ import torch
 from hf_provenance.alignment.plan import ARBITRARY, AlignmentPlan, PairSpec
 from hf_provenance.measurement.accumulate import ByteHasher, PairAccumulator, SimHasher, row_hashes
 from hf_provenance.measurement.memory import release_free_memory
+from hf_provenance.measurement.readahead import ReadAhead, pair_bytes, units
 from hf_provenance.measurement.sampling import FULL_READ_CHUNK, RowSample, block_rows, draw
 from hf_provenance.measurement.transposed import TransposedRows
 from hf_provenance.sources.base import DTYPES
@@ -91,10 +93,11 @@ def _cast_target(dtype_a: str, dtype_b: str) -> torch.dtype | None:
 def measure_pair(pair: PairSpec, base, cand, *, fraction: float | None, rng: np.random.Generator,
                  device: torch.device, seed: int, buffers: "BlockBuffers | None" = None,
                  pool: ThreadPoolExecutor | None = None, sample: RowSample | None = None,
-                 hint: bool = True) -> TensorMeasurement:
+                 hint: bool = True, on_fold=None) -> TensorMeasurement:
     """Measure one pair. ``base``/``cand`` are ModelSources; ``pool`` (the plan's workers) measures big blocks
     in parallel, inline without it. ``sample``: the rows to read when already drawn (else drawn here).
-    ``hint``: announce the blocks to the sources first (False when the caller already did, further ahead)."""
+    ``hint``: announce the blocks to the sources first (False when the caller does, a window ahead).
+    ``on_fold(rows)``: called on this thread as each group of rows has been added (the caller's read-ahead)."""
     ia, ib = base.inventory[pair.base_name], cand.inventory[pair.cand_name]
     n_cols = pair.n_cols
     sample = sample if sample is not None else draw(pair.n_rows, n_cols * ia.itemsize, fraction, rng)
@@ -215,11 +218,13 @@ def measure_pair(pair: PairSpec, base, cand, *, fraction: float | None, rng: np.
         res = acc.measure(sums[0], sums[1], blocks=len(group))
         if res.equal != a.numel():
             bytes_differ[0] = True
-        return res, shares, extra
+        return res, shares, extra, a.shape[0]
 
     def fold(out):
-        res, shares, extra = out
+        res, shares, extra, rows = out
         acc.add(res)
+        if on_fold is not None:
+            on_fold(rows)
         for sim, share in ((sim_a, shares[0]), (sim_b, shares[1])):
             if sim is not None:
                 sim.add(share)
@@ -231,7 +236,8 @@ def measure_pair(pair: PairSpec, base, cand, *, fraction: float | None, rng: np.
             vec_b.append(extra["vec"][1])
 
     if hint:
-        _hint_ahead(pair, sample, base, cand)
+        for unit in units(pair, sample, base, cand):
+            unit.fire()
 
     tlocks = (threading.Lock(), threading.Lock())
     if bufs is not None:
@@ -283,7 +289,6 @@ def _intra_op_threads(n: int | None):
 
 
 TRIM_CHECK_BYTES = 64 * 1024 * 1024  # stored bytes measured between looks at the resident set
-READ_AHEAD = 128 * 1024 * 1024  # stored bytes of small pairs announced to the sources ahead of the workers
 WORKERS = 2  # threads measuring the big blocks of full reads (each a whole group: both sides, all sums)
 BATCH_BYTES = 8 * 1024 * 1024  # stored bytes per side measured in one call on the inline path
 
@@ -375,26 +380,6 @@ def _has_scale(src, name: str) -> bool:
     return bool(fn and fn(name))
 
 
-def _hint_ahead(pair: PairSpec, sample: RowSample, base, cand) -> int:
-    """Announce a pair's blocks to its sources: remote ones fetch them coalesced in the background, local ones
-    hint the kernel (``posix_fadvise(WILLNEED)``). Big sequential full reads are left to the kernel's read-ahead.
-    Returns the stored bytes announced."""
-    if not sample.blocks or pair.is_vector and (pair.base_rows is not None or pair.cand_rows is not None):
-        return 0
-    announced = 0
-    for src, name, idx, t in ((base, pair.base_name, pair.base_rows, pair.transposed[0]),
-                              (cand, pair.cand_name, pair.cand_rows, pair.transposed[1])):
-        prefetch = getattr(src, "prefetch", None)
-        info = src.inventory[name]
-        if (prefetch is None or t or (sample.full and big_blocks(sample, info.row_bytes)
-                                       and not getattr(src, "prefetch_full_reads", True))):
-            continue
-        prefetch([(name, int(a), int(b)) for a, b in sample.blocks] if idx is None else
-                 [(name, int(r), int(r) + 1) for a, b in sample.blocks for r in np.asarray(idx)[a:b]])
-        announced += sample.rows_read * info.row_bytes
-    return announced
-
-
 def big_blocks(sample: RowSample, row_bytes: int) -> bool:
     """Whether a pair's blocks are big (full-read chunks: FULL_READ_CHUNK rounded down to whole rows) rather than
     small sampled ones, which are measured several at a time."""
@@ -406,8 +391,8 @@ def measure_plan(plan: AlignmentPlan, base, cand, *, fraction: float | None, see
     """Measure every pair of the plan in base file order (so reads are mostly sequential).
 
     Two workers share the CPU: a pair of big blocks (a full read) is split between them block by block; pairs of
-    small blocks (sampled rows, small tensors) are measured whole, one per worker, a few pairs ahead, with their
-    blocks announced to the sources up to READ_AHEAD bytes before they are needed. Results come back in plan
+    small blocks (sampled rows, small tensors) are measured whole, one per worker, a few pairs ahead. Blocks are
+    announced to the sources a window ahead of the measurement (``readahead``). Results come back in plan
     order whatever finishes first. ``then``: a function applied to each measurement on the thread that made it
     (the statistics, off the main thread); the list holds its results instead of the measurements.
     """
@@ -422,29 +407,17 @@ def measure_plan(plan: AlignmentPlan, base, cand, *, fraction: float | None, see
            for p, s in zip(order, samples)]
     out: list = []
     pending: deque = deque()
-    hinted, ahead = 0, deque()  # pairs announced so far; stored bytes announced per pair not yet measured
-
-    def hint_from(i: int) -> None:
-        """Announce pairs i, i+1, ... up to READ_AHEAD bytes, on the announcer thread: posix_fadvise blocks while
-        the device queue is full, and the main thread must keep the workers fed meanwhile."""
-        nonlocal hinted
-        while ahead and ahead[0][0] < i:
-            ahead.popleft()
-        while hinted < len(order) and (hinted <= i or sum(b for _, b in ahead) < READ_AHEAD):
-            p, smp = order[hinted], samples[hinted]
-            announcer.submit(_hint_ahead, p, smp, base, cand)
-            ahead.append((hinted, 0 if big[hinted] else 2 * smp.rows_read * inv[p.base_name].row_bytes))
-            hinted += 1
-
     def run(p, kw):
         m = measure_pair(p, base, cand, **kw)
         return m, (then(m) if then is not None else m)
 
     since_check = [0]
 
-    def finish(done) -> None:
+    def finish(done, split: bool) -> None:
         m, result = done
         out.append(result)
+        if not split:  # a split pair reported its groups as they were added
+            ahead.consumed(pair_bytes(m.pair, m.sample.rows_read, base, cand))
         nbytes = m.sample.rows_read * inv[m.pair.base_name].row_bytes
         since_check[0] += nbytes
         if since_check[0] >= TRIM_CHECK_BYTES:  # blocks freed on the workers' heaps go back now, not never
@@ -455,20 +428,21 @@ def measure_plan(plan: AlignmentPlan, base, cand, *, fraction: float | None, see
 
     with (ThreadPoolExecutor(max_workers=WORKERS, thread_name_prefix="measure") as pool,
           ThreadPoolExecutor(max_workers=1, thread_name_prefix="announce") as announcer, _intra_op_threads(1)):
+        ahead = ReadAhead(chain.from_iterable(units(p, s, base, cand) for p, s in zip(order, samples)), announcer)
         for i, p in enumerate(order):
-            hint_from(i)
             kw = dict(fraction=fraction, rng=rngs[i], device=dev, seed=seed, buffers=buffers, sample=samples[i],
                       hint=False)
             if big[i]:
                 while pending:
-                    finish(pending.popleft().result())
-                finish(run(p, dict(kw, pool=pool)))
+                    finish(pending.popleft().result(), False)
+                consumed = (lambda rows, p=p: ahead.consumed(pair_bytes(p, rows, base, cand)))
+                finish(run(p, dict(kw, pool=pool, on_fold=consumed)), True)
                 continue
             pending.append(pool.submit(run, p, kw))
             if len(pending) > 2 * WORKERS:
-                finish(pending.popleft().result())
+                finish(pending.popleft().result(), False)
         while pending:
-            finish(pending.popleft().result())
+            finish(pending.popleft().result(), False)
     return out
 
 

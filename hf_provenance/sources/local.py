@@ -100,8 +100,6 @@ class LocalSource:
             self._reader = RowReader(self.inventory, transport, metadata.quantization_config(self.config))
         return self._reader
 
-    prefetch_full_reads = False  # sequential full reads already get the kernel's read-ahead
-
     def prefetch(self, blocks) -> int:
         """Hint the kernel to read row blocks ``(tensor, start_row, stop_row)`` ahead; returns the spans hinted."""
         transport = self.reader.transport
