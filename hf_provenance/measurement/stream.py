@@ -289,8 +289,9 @@ def _intra_op_threads(n: int | None):
 
 
 TRIM_CHECK_BYTES = 64 * 1024 * 1024  # stored bytes measured between looks at the resident set
+PAIRS_AHEAD = 8  # whole small pairs queued for the workers beyond the one the main thread waits for
 WORKERS = 2  # threads measuring the big blocks of full reads (each a whole group: both sides, all sums)
-BATCH_BYTES = 8 * 1024 * 1024  # stored bytes per side measured in one call on the inline path
+BATCH_BYTES = 1024 * 1024  # stored bytes per side measured in one call on the inline path (stays in cache)
 
 
 def _batches(blocks, row_bytes: int) -> list[list[tuple[int, int]]]:
@@ -439,7 +440,7 @@ def measure_plan(plan: AlignmentPlan, base, cand, *, fraction: float | None, see
                 finish(run(p, dict(kw, pool=pool, on_fold=consumed)), True)
                 continue
             pending.append(pool.submit(run, p, kw))
-            if len(pending) > 2 * WORKERS:
+            if len(pending) > PAIRS_AHEAD:
                 finish(pending.popleft().result(), False)
         while pending:
             finish(pending.popleft().result(), False)
