@@ -8,6 +8,8 @@ the child's VmHWM, which counts every page it touched, mmap included), interleav
 wall time:
 
   cold read      both checkpoints, page cache evicted with posix_fadvise(DONTNEED), read with 16 MiB preads
+  parallel read  the same, both checkpoints at once (a thread each) with 64 MiB announced ahead
+                 (posix_fadvise WILLNEED): the faster of the two cold reads is the read floor
   warm read      the same without eviction (`dd bs=16M of=/dev/null` equivalent)
   minimal loop   safetensors get_tensor + torch cosine per tensor (cold)
   usual approach transformers from_pretrained of both models, then a state-dict cosine loop (cold)
@@ -37,7 +39,7 @@ SIZES = {
 }
 
 WORKLOADS = {
-    "cold_read": "read", "warm_read": "read", "minimal_loop": "minimal", "usual_approach": "usual",
+    "cold_read": "read", "parallel_read": "read2", "warm_read": "read", "minimal_loop": "minimal", "usual_approach": "usual",
     "compare_full": "compare", "compare_sampled": "compare",
 }
 
@@ -87,6 +89,40 @@ def w_read(folders) -> dict:
     return {"bytes": total}
 
 
+def w_read_parallel(folders) -> dict:
+    """Each checkpoint on its own thread, 16 MiB preads, the next 64 MiB announced to the kernel: as fast as this
+    machine reads two files (the compare reads both sides at once)."""
+    import threading
+
+    totals = []
+
+    def one(folder):
+        buf, total, ahead = bytearray(16 << 20), 0, 64 << 20
+        for f in weight_files(Path(folder)):
+            fd = os.open(f, os.O_RDONLY)
+            try:
+                size, off, hinted = os.fstat(fd).st_size, 0, 0
+                while off < size:
+                    while hinted < min(size, off + ahead):
+                        os.posix_fadvise(fd, hinted, 16 << 20, os.POSIX_FADV_WILLNEED)
+                        hinted += 16 << 20
+                    n = os.preadv(fd, [buf], off)
+                    if n <= 0:
+                        break
+                    off += n
+                    total += n
+            finally:
+                os.close(fd)
+        totals.append(total)
+
+    threads = [threading.Thread(target=one, args=(f,)) for f in folders]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return {"bytes": sum(totals)}
+
+
 def w_minimal(folders) -> dict:
     import torch
     from safetensors import safe_open
@@ -134,6 +170,8 @@ def child(name: str, folders: list[str]) -> None:
     kind = WORKLOADS[name]
     if kind == "read":
         out = w_read(folders)
+    elif kind == "read2":
+        out = w_read_parallel(folders)
     elif kind == "minimal":
         out = w_minimal(folders)
     elif kind == "usual":
@@ -200,7 +238,8 @@ def main() -> None:
     ratios = {}
     if "compare_full" in med:
         ratios["full / minimal loop"] = med["compare_full"] / med.get("minimal_loop", float("nan"))
-        ratios["full / cold read"] = med["compare_full"] / med.get("cold_read", float("nan"))
+        floor = min(med.get("cold_read", float("inf")), med.get("parallel_read", float("inf")))
+        ratios["full / cold read (faster of the two)"] = med["compare_full"] / floor
         ratios["full / sampled"] = med["compare_full"] / med.get("compare_sampled", float("nan"))
         if "usual_approach" in med:
             ratios["usual / full (time)"] = med["usual_approach"] / med["compare_full"]
@@ -210,7 +249,7 @@ def main() -> None:
         ratios["full / sampled (compare() call)"] = call["compare_full"] / call["compare_sampled"]
     print("\n| ratio | value | target |")
     print("|---|---:|---|")
-    targets = {"full / minimal loop": "≤ 1", "full / cold read": "≤ 2", "full / sampled": "≥ 5",
+    targets = {"full / minimal loop": "≤ 1", "full / cold read (faster of the two)": "≤ 2", "full / sampled": "≥ 5",
                "usual / full (time)": "≥ 2", "usual / full (RSS)": "≥ 4", "full / sampled (compare() call)": "≥ 5"}
     for k, v in ratios.items():
         print(f"| {k} | {v:.2f} | {targets[k]} |")

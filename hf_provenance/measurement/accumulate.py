@@ -6,6 +6,7 @@ per-block sums give the jackknife. Nothing here keeps a whole tensor.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import math
 from dataclasses import dataclass, field
@@ -66,6 +67,18 @@ def _mix64(x: torch.Tensor, seed: int) -> torch.Tensor:
     return x ^ (x >> 32)
 
 
+@functools.lru_cache(maxsize=4096)
+def _row_hash(seed: int, first_row: int, k: int) -> torch.Tensor:
+    return _mix64(torch.arange(first_row, first_row + k, dtype=torch.int64), seed + 2)
+
+
+@functools.lru_cache(maxsize=4096)
+def _row_signs(seed: int, first_row: int, k: int) -> torch.Tensor:
+    """Row signs of a SimHash, cached: the same row ranges recur in every tensor of a shape and on both sides (a
+    dozen small ops per block, paid under the GIL by every worker, had cost ~20% of a full compare)."""
+    return torch.where((_row_hash(seed, first_row, k) >> 8) & 1 == 1, 1.0, -1.0).to(torch.float32)
+
+
 class SimHasher:
     """256-bit SimHash of a tensor's values, streaming: one signed GEMV per row block.
 
@@ -85,11 +98,11 @@ class SimHasher:
         self.acc = torch.zeros(self.groups, n_cols, dtype=torch.float64)
 
     def _row_hash(self, first_row: int, k: int) -> torch.Tensor:
-        return _mix64(torch.arange(first_row, first_row + k, dtype=torch.int64), self.seed + 2)
+        return _row_hash(self.seed, first_row, k)
 
     def signs(self, first_row: int, k: int) -> torch.Tensor:
-        """s_r for rows [first_row, first_row + k), float32."""
-        return torch.where((self._row_hash(first_row, k) >> 8) & 1 == 1, 1.0, -1.0).to(torch.float32)
+        """s_r for rows [first_row, first_row + k), float32 (read-only: shared by every tensor, both sides)."""
+        return _row_signs(self.seed, first_row, k)
 
     def contribution(self, rows: torch.Tensor, first_row: int) -> torch.Tensor:
         """U's share from rows [first_row, first_row + k), (G, n) float64; changes nothing (thread-safe)."""
@@ -246,10 +259,9 @@ class PairAccumulator:
         saa, sbb, sab, s_a, s_b, rab, raa, rbb = per_block
         scalars = np.stack([np.full(nb, float(k)), s_a, s_b, saa, sbb, sab, rab, raa, rbb], axis=1)  # (B, SCALARS)
         sketch = None
-        if self.sketch:
-            ar = sa.x - (sa.rows / self.n_cols).unsqueeze(1)
-            br = sb.x - (sb.rows / self.n_cols).unsqueeze(1)
-            sketch = (ar.T @ (br @ self._g)).double()
+        if self.sketch:  # Arᵀ(Br G) of the row-centred blocks, by linearity (no centred copies of the blocks)
+            bg = sb.x @ self._g - torch.outer(sb.rows / self.n_cols, self._g.sum(0))
+            sketch = (sa.x.T @ bg - ((sa.rows / self.n_cols) @ bg).unsqueeze(0)).double()
         return BlockResult(scalars, sa.cols, sb.cols, sdd, int(equal), cast_equal, max(neg_lo, hi_v), 0, sketch)
 
     def add(self, r: "BlockResult") -> None:

@@ -125,10 +125,13 @@ def measure_pair(pair: PairSpec, base, cand, *, fraction: float | None, rng: np.
     sides = ((base, pair.base_name, pair.base_rows, scaled_a, ia, hash_a, sim_a, tviews[0]),
              (cand, pair.cand_name, pair.cand_rows, scaled_b, ib, hash_b, sim_b, tviews[1]))
 
-    # SHA-256 only answers "same stored bytes?": once a block differs (or the dtypes do) it stops hashing
-    bytes_differ = [ia.dtype != ib.dtype]
-    # file order for the hashes when several workers read: one turnstile per side
-    turns = (_InOrder(), _InOrder())
+    # SHA-256 only answers "same stored bytes?": each block's bytes are compared first and hashed (once, for both
+    # sides) only while every block so far was equal; a tensor that differs is never hashed
+    hashing = hash_a is not None and hash_b is not None
+    bytes_differ = [ia.dtype != ib.dtype or not hashing]
+    turn = _InOrder()  # the hash needs file order when several workers read
+    # a raw view lives in its reader's per-thread buffer; one reader for both sides would overwrite the first
+    shared_reader = base.reader is cand.reader
 
     # big blocks (full reads) are measured by worker threads, a whole group each (both sides, their own sums and
     # the cross terms) so that both cores compute while reads are in flight; small sampled blocks cost less inline
@@ -138,10 +141,10 @@ def measure_pair(pair: PairSpec, base, cand, *, fraction: float | None, rng: np.
     groups = [[blk] for blk in sample.blocks] if threaded else _batches(sample.blocks, ia.row_bytes)
     bufs = buffers if buffers is not None and device.type == "cpu" else None
 
-    def read_block(i, g, block):
+    def read_block(i, block):
         """Rows of one block of side i, 2-D: a float32 tensor, or a view of this thread's read buffer in the stored
-        dtype (valid until its next read). Hashes that need file order are fed here."""
-        src, name, idx, scaled, info, sha, _, tview = sides[i]
+        dtype (valid until its next read from that reader)."""
+        src, name, idx, scaled, info, _, _, tview = sides[i]
         s, e = block
         if tview is not None:
             with tlocks[i]:  # one column window per side: its blocks are served in turn
@@ -150,37 +153,46 @@ def measure_pair(pair: PairSpec, base, cand, *, fraction: float | None, rng: np.
             return src.reader.read_rows(name, 0, 1).reshape(1, -1)[:, torch.from_numpy(np.asarray(idx))]
         if scaled:
             return read_indexed(src.reader, name, idx, s, e, raw=False).reshape(-1, info.row_len)
-        x = read_indexed(src.reader, name, idx, s, e, raw=True, copy=False)
-        if sha is not None and not bytes_differ[0]:
-            with turns[i].turn(g):
-                if not bytes_differ[0]:
-                    sha.update(x)
-        return x.reshape(-1, info.row_len)
+        copy = i == 0 and shared_reader
+        return read_indexed(src.reader, name, idx, s, e, raw=True, copy=copy).reshape(-1, info.row_len)
 
-    def read_side(i, g, group):
-        """Group g of side i as float32 rows, in this thread's reusable buffer when the stream lends one."""
+    def check_bytes(g, xa, xb) -> None:
+        """Compare one block's stored bytes; hash them (in file order) while every block so far was equal."""
+        with turn.turn(g):
+            if bytes_differ[0]:
+                return
+            if xa.shape == xb.shape and torch.equal(xa.reshape(-1).view(torch.uint8), xb.reshape(-1).view(torch.uint8)):
+                hash_a.update(xa)
+            else:
+                bytes_differ[0] = True
+
+    def read_group(g, group):
+        """Group g of both sides as float32 rows, in this thread's reusable buffers when the stream lends them."""
         k = sum(e - s for s, e in group)
-        out, o = None, 0
-        for blk in group:
-            x = read_block(i, g, blk)
-            if bufs is None:
-                out = x.to(torch.float32, copy=True) if out is None else torch.cat([out, x.to(torch.float32)])
-                continue
-            if out is None:
-                out = bufs.take(i, (k, x.shape[1]))
-            out[o:o + x.shape[0]].copy_(x)
-            o += x.shape[0]
-        return out
+        outs, o = [None, None], 0
+        try:
+            for blk in group:
+                xs = read_block(0, blk), read_block(1, blk)
+                if not bytes_differ[0]:
+                    check_bytes(g, *xs)
+                for i, x in enumerate(xs):
+                    if bufs is None:
+                        outs[i] = x.to(torch.float32, copy=True) if outs[i] is None else \
+                            torch.cat([outs[i], x.to(torch.float32)])
+                        continue
+                    if outs[i] is None:
+                        outs[i] = bufs.take(i, (k, x.shape[1]))
+                    outs[i][o:o + x.shape[0]].copy_(x)
+                o += xs[0].shape[0]
+        finally:
+            if hashing:  # a group that stopped early still lets the next ones through
+                turn.skip(g)
+        return outs
 
     def work(g, group):
         """Read, remap and measure group g (a worker thread, or inline): returns small results only."""
-        try:
-            first = group[0][0]
-            a, b = read_side(0, g, group), read_side(1, g, group)
-        finally:
-            for i in (0, 1):  # a group that stopped early still lets the next ones hash in order
-                if sides[i][5] is not None:
-                    turns[i].skip(g)
+        first = group[0][0]
+        a, b = read_group(g, group)
         shares = [None, None]
         if sim_a is not None:
             fuse_a = sim_a.groups == 1 and len(group) == 1
@@ -216,8 +228,6 @@ def measure_pair(pair: PairSpec, base, cand, *, fraction: float | None, rng: np.
                 shares[i] = sums[i].projection if sums[i].projection is not None else \
                     (shares[i].to(raw.device) @ raw).double()
         res = acc.measure(sums[0], sums[1], blocks=len(group))
-        if res.equal != a.numel():
-            bytes_differ[0] = True
         return res, shares, extra, a.shape[0]
 
     def fold(out):
@@ -256,12 +266,12 @@ def measure_pair(pair: PairSpec, base, cand, *, fraction: float | None, rng: np.
                 pending.append(pool.submit(work, nxt, groups[nxt]))
                 nxt += 1
             fold(pending.popleft().result())
-    if hash_a is not None and hash_b is not None:
+    if hashing:
         if bytes_differ[0]:
             m.sha_a = m.sha_b = None
             m.bytes_differ = True
-        else:
-            m.sha_a, m.sha_b = hash_a.hexdigest(), hash_b.hexdigest()
+        else:  # every stored byte equal: one digest for both
+            m.sha_a = m.sha_b = hash_a.hexdigest()
     if sim_a is not None and sim_b is not None:
         m.simhash_a, m.simhash_b = sim_a.digest(), sim_b.digest()
     if want_rowhash and rh_a:
