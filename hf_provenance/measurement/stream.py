@@ -220,13 +220,19 @@ def measure_pair(pair: PairSpec, base, cand, *, fraction: float | None, rng: np.
             extra["vec"] = tuple(x.reshape(-1).cpu().numpy().astype(np.float64) for x in (a, b))
         # a SimHash over one block rides on the column sums' pass (row signs in, wᵀx out) when it can
         sums = []
-        for i, (x, share) in enumerate(((a, shares[0]), (b, shares[1]))):
-            fused = share is not None and share.dim() == 1
-            sums.append(acc.side(x, "ab"[i], len(group), project=share if fused else None))
-            if fused:
-                raw = sums[i].raw
-                shares[i] = sums[i].projection if sums[i].projection is not None else \
-                    (shares[i].to(raw.device) @ raw).double()
+        if g:  # the first group fixes each side's scale and shift; the others were read meanwhile
+            calibrated.wait()
+        try:
+            for i, (x, share) in enumerate(((a, shares[0]), (b, shares[1]))):
+                fused = share is not None and share.dim() == 1
+                sums.append(acc.side(x, "ab"[i], len(group), project=share if fused else None))
+                if fused:
+                    raw = sums[i].raw
+                    shares[i] = sums[i].projection if sums[i].projection is not None else \
+                        (shares[i].to(raw.device) @ raw).double()
+        finally:
+            if not g:
+                calibrated.set()
         res = acc.measure(sums[0], sums[1], blocks=len(group))
         return res, shares, extra, a.shape[0]
 
@@ -256,11 +262,10 @@ def measure_pair(pair: PairSpec, base, cand, *, fraction: float | None, rng: np.
     pool = pool if parallel else _Inline()
     # groups in flight: two per worker; one when a transposed side's column window must serve its blocks in order
     depth = 1 if not parallel or any(t is not None for t in tviews) else 2 * WORKERS
+    calibrated = threading.Event()
     with _intra_op_threads(1 if parallel else None):  # (measure_plan already runs with one)
-        if groups:
-            fold(work(0, groups[0]))  # the first group fixes each side's scale and shift; the rest run in parallel
         pending: deque = deque()
-        nxt = 1
+        nxt = 0
         while nxt < len(groups) or pending:
             while nxt < len(groups) and len(pending) < depth:
                 pending.append(pool.submit(work, nxt, groups[nxt]))
@@ -299,6 +304,7 @@ def _intra_op_threads(n: int | None):
 
 
 TRIM_CHECK_BYTES = 64 * 1024 * 1024  # stored bytes measured between looks at the resident set
+SPLIT_BLOCKS = 8  # full reads of at least this many big blocks are shared out block by block
 PAIRS_AHEAD = 8  # whole small pairs queued for the workers beyond the one the main thread waits for
 WORKERS = 2  # threads measuring the big blocks of full reads (each a whole group: both sides, all sums)
 BATCH_BYTES = 1024 * 1024  # stored bytes per side measured in one call on the inline path (stays in cache)
@@ -413,8 +419,9 @@ def measure_plan(plan: AlignmentPlan, base, cand, *, fraction: float | None, see
     order = sorted(plan.pairs, key=lambda p: (inv[p.base_name].file, inv[p.base_name].start))
     rngs = [np.random.default_rng([seed, zlib.crc32(p.base_name.encode())]) for p in order]
     samples = [draw(p.n_rows, p.n_cols * inv[p.base_name].itemsize, fraction, r) for p, r in zip(order, rngs)]
-    # split block by block: full reads of several big blocks; anything smaller is one worker's job
-    big = [s.full and len(s.blocks) >= 2 * WORKERS and big_blocks(s, inv[p.base_name].row_bytes)
+    # split block by block: full reads of many big blocks; anything smaller is one worker's job (two at a time),
+    # which spares the wait for the queue to drain before a split pair
+    big = [s.full and len(s.blocks) >= SPLIT_BLOCKS and big_blocks(s, inv[p.base_name].row_bytes)
            for p, s in zip(order, samples)]
     out: list = []
     pending: deque = deque()
