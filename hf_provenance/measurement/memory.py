@@ -22,10 +22,13 @@ import sys
 def _trim():
     if not sys.platform.startswith("linux"):
         return None
-    try:
-        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
-    except (OSError, AttributeError):  # musl and others have no malloc_trim: nothing to hand back
-        return None
+    # the process's own symbols first: ctypes.util.find_library spawns ldconfig (tens of ms), so it comes last
+    for name in (None, "libc.so.6", "find"):
+        try:
+            return ctypes.CDLL(ctypes.util.find_library("c") if name == "find" else name).malloc_trim
+        except (OSError, AttributeError, TypeError):  # musl and others have no malloc_trim: nothing to hand back
+            continue
+    return None
 
 
 SLACK = 256 << 20  # bytes the resident set may grow by before the free heap pages are handed back
