@@ -191,8 +191,8 @@ class PairAccumulator:
     def side(self, x: torch.Tensor, which: str, blocks: int = 1, project: torch.Tensor | None = None) -> "SideSums":
         """The sums of one side that need nothing from the other side, for ``blocks`` equal row blocks of x.
 
-        Loader threads call this for each side in parallel (each side only touches its own scale/shift), so the
-        main thread is left with the cross terms. The first block of a side fixes its power-of-two scale and shift.
+        The first group of a tensor fixes each side's power-of-two scale and shift; after that, any number of
+        threads may call this (and ``measure``) at once.
         ``project``: row weights w (a SimHash's row signs); wᵀx of the values as stored comes back in
         ``projection``, computed with the column sums in one pass when the side is neither scaled nor shifted.
         """

@@ -1,7 +1,7 @@
 """Keep the streamed blocks from pinning memory.
 
 glibc's malloc, once it has freed a large mmapped block, raises its mmap threshold and serves later blocks of that
-size from its heap arenas (one per loader thread); what is freed there stays resident. Over a 3B-parameter model
+size from its heap arenas (one per worker thread); what is freed there stays resident. Over a 3B-parameter model
 that grew the resident set by ~50 MiB per layer (1.5 GiB peak). ``malloc_trim(0)`` hands the free pages back (it
 also releases free chunks inside the heaps), which keeps the peak flat in model size. It is called between tensors,
 but only once the resident set has grown by ``SLACK`` since the last call: trimming after every tensor made the

@@ -1,8 +1,10 @@
 """Stream the pairs of an AlignmentPlan through the accumulators, one row block at a time.
 
 Never holds a whole tensor of a large model: each block of base rows is read with the matching candidate rows
-(through the plan's row map), mapped into the base's column order, and folded into float64 sums. The next block is
-read on a background thread while the current one is computed (preadv and torch both release the GIL).
+(through the plan's row map), mapped into the base's column order, and folded into float64 sums. Two worker threads
+read and compute whole block groups (preadv and torch both release the GIL) while the main thread folds their small
+results in order, so the sums do not depend on the scheduling; blocks are announced to the sources a window ahead
+(``readahead``).
 """
 
 from __future__ import annotations
@@ -290,8 +292,8 @@ def measure_pair(pair: PairSpec, base, cand, *, fraction: float | None, rng: np.
 
 @contextmanager
 def _intra_op_threads(n: int | None):
-    """torch's intra-op threads set to ``n`` for a block loop (restored after): with two loader threads and the
-    main thread already busy, one torch thread each avoids oversubscribing the cores."""
+    """torch's intra-op threads set to ``n`` for a plan (restored after): with two workers busy, one torch thread
+    each avoids oversubscribing the cores."""
     if n is None or torch.get_num_threads() == n:
         yield
         return
@@ -306,7 +308,7 @@ def _intra_op_threads(n: int | None):
 TRIM_CHECK_BYTES = 64 * 1024 * 1024  # stored bytes measured between looks at the resident set
 SPLIT_BLOCKS = 8  # full reads of at least this many big blocks are shared out block by block
 PAIRS_AHEAD = 8  # whole small pairs queued for the workers beyond the one the main thread waits for
-WORKERS = 2  # threads measuring the big blocks of full reads (each a whole group: both sides, all sums)
+WORKERS = 2  # measuring threads: block groups of split full reads, or whole small pairs with their statistics
 BATCH_BYTES = 1024 * 1024  # stored bytes per side measured in one call on the inline path (stays in cache)
 
 
