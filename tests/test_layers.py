@@ -273,6 +273,25 @@ def test_sketches_read_a_small_fraction(random_family, variant, truth):
     assert sum(small["sketch"]["bytes_read"].values()) < sum(summary["sketch"]["bytes_read"].values())
 
 
+def test_sketch_rows_are_announced_before_they_are_read(random_family):
+    """Every sketch block is announced to the source in one call before the first read: on the Hub that is one
+    batch of background range requests instead of a round trip per tensor."""
+    base, model = open_model(random_family["base"]), open_model(random_family["pruned"])
+    events = []
+    for src, side in ((base, "base"), (model, "model")):
+        real_read = src.reader.read_rows
+        src.prefetch = lambda blocks, side=side: events.append(("announce", side, list(blocks)))
+        src.reader.read_rows = (lambda name, s=0, e=None, side=side, real=real_read:
+                                events.append(("read", side, (name, s, e))) or real(name, s, e))
+    layer_plan(base, model, *identity_plan(base, model))
+    for side in ("base", "model"):
+        mine = [e for e in events if e[1] == side]
+        assert mine[0][0] == "announce" and sum(e[0] == "announce" for e in mine) == 1
+        announced = {(n, s, e) for n, s, e in mine[0][2]}
+        reads = [e[2] for e in mine if e[0] == "read"]
+        assert reads and all(r in announced for r in reads), side
+
+
 def test_residual_permuted_and_pruned_needs_the_residual_fit_first(make, tmp_path):
     from hf_provenance.alignment.residual import apply_residual, embedding_pair, fit_residual
     from hf_provenance.measurement.stream import measure_plan

@@ -274,6 +274,17 @@ def _n_rows(source, name: str) -> int:
 def _sketch_all(source, slots_by_layer, wanted: dict, *, residual=None, hidden: int = 0) -> dict:
     """slot -> {layer: sketch vector} for the wanted slots (slot -> rows)."""
     out: dict = {}
+    prefetch = getattr(source, "prefetch", None)
+    if prefetch is not None and residual is None:  # every sketch's rows asked for at once, then read one by one
+        spans = []
+        for slots in slots_by_layer.values():
+            for (role, expert, part), name in slots.items():
+                view = _view(source.inventory[name].shape)
+                rows = wanted.get((role, expert, part, *view)) if len(view) == 2 else None
+                if rows is not None and len(rows):
+                    spans.append((name, int(rows[0]), int(rows[-1]) + 1))
+        if spans:
+            prefetch(spans)
     for layer, slots in slots_by_layer.items():
         for (role, expert, part), name in slots.items():
             view = _view(source.inventory[name].shape)
