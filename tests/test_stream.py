@@ -106,18 +106,24 @@ def test_hashes_see_the_bytes_in_file_order(tmp_path, small_chunks):
             assert ms[name].acc.equal == t.numel() and ms[name].acc.max_abs_diff == 0.0
 
 
-def test_a_failing_read_in_a_worker_is_raised_not_hung(tmp_path, small_chunks, monkeypatch):
+@pytest.mark.parametrize("where", ["first group", "later group"])
+def test_a_failing_read_in_a_worker_is_raised_not_hung(tmp_path, small_chunks, monkeypatch, where):
+    """A read that fails in the first group of a split tensor (the one the others wait on for their scale) or in
+    the middle of it, while other groups are in flight: the error comes out, nothing hangs."""
     base_dir, model_dir, *_ = _pair(tmp_path, same=True)
     base, model = open_model(base_dir), open_model(model_dir)
     plan, _ = identity_plan(base, model)
     real, calls, lock = LocalTransport.pread_into, [0], threading.Lock()
+    info = base.inventory["model.layers.0.mlp.down_proj.weight"]
+    blocks = draw(info.n_rows, info.row_bytes, None, np.random.default_rng(0)).blocks
+    assert len(blocks) >= stream.SPLIT_BLOCKS  # a tensor split between the workers
+    target = info.start + blocks[0 if where == "first group" else 5][0] * info.row_bytes
 
     def flaky(self, file, offset, buffer):
         with lock:
             calls[0] += 1
-            n = calls[0]
-        if n == 25:  # in the middle of the first big tensor, while other groups are in flight
-            raise ReadError(file, "read failed at byte 0: Input/output error")
+        if file == info.file and offset == target and "base" in str(self._paths.get(file, file)):
+            raise ReadError(file, f"read failed at byte {offset}: Input/output error")
         return real(self, file, offset, buffer)
 
     monkeypatch.setattr(LocalTransport, "pread_into", flaky)

@@ -193,6 +193,13 @@ def measure_pair(pair: PairSpec, base, cand, *, fraction: float | None, rng: np.
 
     def work(g, group):
         """Read, remap and measure group g (a worker thread, or inline): returns small results only."""
+        try:
+            return _work(g, group)
+        finally:
+            if not g:  # even when the first group failed: the others then finish or fail, they never hang
+                calibrated.set()
+
+    def _work(g, group):
         first = group[0][0]
         a, b = read_group(g, group)
         shares = [None, None]
@@ -224,17 +231,15 @@ def measure_pair(pair: PairSpec, base, cand, *, fraction: float | None, rng: np.
         sums = []
         if g:  # the first group fixes each side's scale and shift; the others were read meanwhile
             calibrated.wait()
-        try:
-            for i, (x, share) in enumerate(((a, shares[0]), (b, shares[1]))):
-                fused = share is not None and share.dim() == 1
-                sums.append(acc.side(x, "ab"[i], len(group), project=share if fused else None))
-                if fused:
-                    raw = sums[i].raw
-                    shares[i] = sums[i].projection if sums[i].projection is not None else \
-                        (shares[i].to(raw.device) @ raw).double()
-        finally:
-            if not g:
-                calibrated.set()
+        for i, (x, share) in enumerate(((a, shares[0]), (b, shares[1]))):
+            fused = share is not None and share.dim() == 1
+            sums.append(acc.side(x, "ab"[i], len(group), project=share if fused else None))
+            if fused:
+                raw = sums[i].raw
+                shares[i] = sums[i].projection if sums[i].projection is not None else \
+                    (shares[i].to(raw.device) @ raw).double()
+        if not g:
+            calibrated.set()
         res = acc.measure(sums[0], sums[1], blocks=len(group))
         return res, shares, extra, a.shape[0]
 
@@ -268,11 +273,15 @@ def measure_pair(pair: PairSpec, base, cand, *, fraction: float | None, rng: np.
     with _intra_op_threads(1 if parallel else None):  # (measure_plan already runs with one)
         pending: deque = deque()
         nxt = 0
-        while nxt < len(groups) or pending:
-            while nxt < len(groups) and len(pending) < depth:
-                pending.append(pool.submit(work, nxt, groups[nxt]))
-                nxt += 1
-            fold(pending.popleft().result())
+        try:
+            while nxt < len(groups) or pending:
+                while nxt < len(groups) and len(pending) < depth:
+                    pending.append(pool.submit(work, nxt, groups[nxt]))
+                    nxt += 1
+                fold(pending.popleft().result())
+        finally:  # after a failure, groups not started yet are dropped, not read
+            for f in pending:
+                f.cancel()
     if hashing:
         if bytes_differ[0]:
             m.sha_a = m.sha_b = None
@@ -449,20 +458,24 @@ def measure_plan(plan: AlignmentPlan, base, cand, *, fraction: float | None, see
     with (ThreadPoolExecutor(max_workers=WORKERS, thread_name_prefix="measure") as pool,
           ThreadPoolExecutor(max_workers=1, thread_name_prefix="announce") as announcer, _intra_op_threads(1)):
         ahead = ReadAhead(chain.from_iterable(units(p, s, base, cand) for p, s in zip(order, samples)), announcer)
-        for i, p in enumerate(order):
-            kw = dict(fraction=fraction, rng=rngs[i], device=dev, seed=seed, buffers=buffers, sample=samples[i],
-                      hint=False)
-            if big[i]:
-                while pending:
+        try:
+            for i, p in enumerate(order):
+                kw = dict(fraction=fraction, rng=rngs[i], device=dev, seed=seed, buffers=buffers,
+                          sample=samples[i], hint=False)
+                if big[i]:
+                    while pending:
+                        finish(pending.popleft().result(), False)
+                    consumed = (lambda rows, p=p: ahead.consumed(pair_bytes(p, rows, base, cand)))
+                    finish(run(p, dict(kw, pool=pool, on_fold=consumed)), True)
+                    continue
+                pending.append(pool.submit(run, p, kw))
+                if len(pending) > PAIRS_AHEAD:
                     finish(pending.popleft().result(), False)
-                consumed = (lambda rows, p=p: ahead.consumed(pair_bytes(p, rows, base, cand)))
-                finish(run(p, dict(kw, pool=pool, on_fold=consumed)), True)
-                continue
-            pending.append(pool.submit(run, p, kw))
-            if len(pending) > PAIRS_AHEAD:
+            while pending:
                 finish(pending.popleft().result(), False)
-        while pending:
-            finish(pending.popleft().result(), False)
+        finally:  # after a failure (or Ctrl-C), pairs not started yet are dropped, not measured
+            for f in pending:
+                f.cancel()
     return out
 
 
