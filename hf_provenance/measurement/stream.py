@@ -113,8 +113,10 @@ def measure_pair(pair: PairSpec, base, cand, *, fraction: float | None, rng: np.
         sketch=(not pair.is_vector and pair.n_arbitrary == 1 and pair.axes[-1] == ARBITRARY),
         device=device, seed=seed, cast_dtype=_cast_target(ia.dtype, ib.dtype) if not scaled_b else None)
     m = TensorMeasurement(pair, sample, acc, ia.dtype, ib.dtype)
-    hash_a = ByteHasher() if full_in_order and not scaled_a else None
-    hash_b = ByteHasher() if full_in_order and not scaled_b else None
+    # SHA-256 only answers "same stored bytes?": each block's bytes are compared first and hashed (once, for both
+    # sides) only while every block so far was equal; a tensor that differs is never hashed
+    hashing = full_in_order and not scaled_a and not scaled_b
+    sha = ByteHasher() if hashing else None
     sim_a = SimHasher(n_cols, seed) if full_in_order and ia.is_float else None
     sim_b = SimHasher(n_cols, seed) if full_in_order and ib.is_float else None
     # exact row hashes only where vocabulary rows were re-paired (extension, pruning, another tokenizer)
@@ -124,20 +126,17 @@ def measure_pair(pair: PairSpec, base, cand, *, fraction: float | None, rng: np.
     # a side stored [.., in, out] serves rows of its transposed view from a bounded column window
     tviews = tuple(TransposedRows(src.reader, info) if t and not pair.is_vector else None
                    for src, info, t in ((base, ia, trans[0]), (cand, ib, trans[1])))
-    sides = ((base, pair.base_name, pair.base_rows, scaled_a, ia, hash_a, sim_a, tviews[0]),
-             (cand, pair.cand_name, pair.cand_rows, scaled_b, ib, hash_b, sim_b, tviews[1]))
+    sides = ((base, pair.base_name, pair.base_rows, scaled_a, ia, tviews[0]),
+             (cand, pair.cand_name, pair.cand_rows, scaled_b, ib, tviews[1]))
 
-    # SHA-256 only answers "same stored bytes?": each block's bytes are compared first and hashed (once, for both
-    # sides) only while every block so far was equal; a tensor that differs is never hashed
-    hashing = hash_a is not None and hash_b is not None
     bytes_differ = [ia.dtype != ib.dtype or not hashing]
     turn = _InOrder()  # the hash needs file order when several workers read
     # a raw view lives in its reader's per-thread buffer; one reader for both sides would overwrite the first
     shared_reader = base.reader is cand.reader
 
     # big blocks (full reads) are measured by worker threads, a whole group each (both sides, their own sums and
-    # the cross terms) so that both cores compute while reads are in flight; small sampled blocks cost less inline
-    # than the hand-offs (their reads were hinted ahead below)
+    # the cross terms) so that both cores compute while reads are in flight; small sampled blocks are measured
+    # inline (by the worker that has the whole pair) several at a time
     threaded = big_blocks(sample, ia.row_bytes)
     # inline, equal sampled blocks are measured several at a time (one call, the jackknife still sees each block)
     groups = [[blk] for blk in sample.blocks] if threaded else _batches(sample.blocks, ia.row_bytes)
@@ -146,7 +145,7 @@ def measure_pair(pair: PairSpec, base, cand, *, fraction: float | None, rng: np.
     def read_block(i, block):
         """Rows of one block of side i, 2-D: a float32 tensor, or a view of this thread's read buffer in the stored
         dtype (valid until its next read from that reader)."""
-        src, name, idx, scaled, info, _, _, tview = sides[i]
+        src, name, idx, scaled, info, tview = sides[i]
         s, e = block
         if tview is not None:
             with tlocks[i]:  # one column window per side: its blocks are served in turn
@@ -164,7 +163,7 @@ def measure_pair(pair: PairSpec, base, cand, *, fraction: float | None, rng: np.
             if bytes_differ[0]:
                 return
             if xa.shape == xb.shape and torch.equal(xa.reshape(-1).view(torch.uint8), xb.reshape(-1).view(torch.uint8)):
-                hash_a.update(xa)
+                sha.update(xa)
             else:
                 bytes_differ[0] = True
 
@@ -287,7 +286,7 @@ def measure_pair(pair: PairSpec, base, cand, *, fraction: float | None, rng: np.
             m.sha_a = m.sha_b = None
             m.bytes_differ = True
         else:  # every stored byte equal: one digest for both
-            m.sha_a = m.sha_b = hash_a.hexdigest()
+            m.sha_a = m.sha_b = sha.hexdigest()
     if sim_a is not None and sim_b is not None:
         m.simhash_a, m.simhash_b = sim_a.digest(), sim_b.digest()
     if want_rowhash and rh_a:
