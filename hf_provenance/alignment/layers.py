@@ -273,30 +273,23 @@ def _n_rows(source, name: str) -> int:
 
 def _sketch_all(source, slots_by_layer, wanted: dict, *, residual=None, hidden: int = 0) -> dict:
     """slot -> {layer: sketch vector} for the wanted slots (slot -> rows)."""
-    out: dict = {}
-    prefetch = getattr(source, "prefetch", None)
-    if prefetch is not None and residual is None:  # every sketch's rows asked for at once, then read one by one
-        spans = []
-        for slots in slots_by_layer.values():
-            for (role, expert, part), name in slots.items():
-                view = _view(source.inventory[name].shape)
-                rows = wanted.get((role, expert, part, *view)) if len(view) == 2 else None
-                if rows is not None and len(rows):
-                    spans.append((name, int(rows[0]), int(rows[-1]) + 1))
-        if spans:
-            prefetch(spans)
+    todo = []  # (layer, slot, tensor, rows, row length)
     for layer, slots in slots_by_layer.items():
         for (role, expert, part), name in slots.items():
             view = _view(source.inventory[name].shape)
-            if len(view) != 2:
-                continue
             slot = (role, expert, part, *view)
-            rows = wanted.get(slot)
-            if rows is None:
-                continue
-            vec = _read_sketch(source, name, rows, view[1], residual, role, hidden)
-            if vec is not None:
-                out.setdefault(slot, {})[layer] = vec
+            if len(view) == 2 and wanted.get(slot) is not None:
+                todo.append((layer, slot, name, wanted[slot], view[1]))
+    prefetch = getattr(source, "prefetch", None)
+    if prefetch is not None and residual is None:  # every sketch's rows asked for at once, then read one by one
+        spans = [(name, int(rows[0]), int(rows[-1]) + 1) for _, _, name, rows, _ in todo if len(rows)]
+        if spans:
+            prefetch(spans)
+    out: dict = {}
+    for layer, slot, name, rows, cols in todo:
+        vec = _read_sketch(source, name, rows, cols, residual, slot[0], hidden)
+        if vec is not None:
+            out.setdefault(slot, {})[layer] = vec
     return out
 
 

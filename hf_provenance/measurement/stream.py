@@ -13,9 +13,9 @@ import math
 import threading
 import zlib
 from collections import deque
-from itertools import chain
-from contextlib import contextmanager
 from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager
+from itertools import chain
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -237,7 +237,7 @@ def measure_pair(pair: PairSpec, base, cand, *, fraction: float | None, rng: np.
                 raw = sums[i].raw
                 shares[i] = sums[i].projection if sums[i].projection is not None else \
                     (shares[i].to(raw.device) @ raw).double()
-        if not g:
+        if not g:  # scale and shift fixed: the others may go on while this group finishes
             calibrated.set()
         res = acc.measure(sums[0], sums[1], blocks=len(group))
         return res, shares, extra, a.shape[0]
@@ -269,18 +269,17 @@ def measure_pair(pair: PairSpec, base, cand, *, fraction: float | None, rng: np.
     # groups in flight: two per worker; one when a transposed side's column window must serve its blocks in order
     depth = 1 if not parallel or any(t is not None for t in tviews) else 2 * WORKERS
     calibrated = threading.Event()
-    with _intra_op_threads(1 if parallel else None):  # (measure_plan already runs with one)
-        pending: deque = deque()
-        nxt = 0
-        try:
-            while nxt < len(groups) or pending:
-                while nxt < len(groups) and len(pending) < depth:
-                    pending.append(pool.submit(work, nxt, groups[nxt]))
-                    nxt += 1
-                fold(pending.popleft().result())
-        finally:  # after a failure, groups not started yet are dropped, not read
-            for f in pending:
-                f.cancel()
+    pending: deque = deque()  # (measure_plan runs the workers with one torch thread each)
+    nxt = 0
+    try:
+        while nxt < len(groups) or pending:
+            while nxt < len(groups) and len(pending) < depth:
+                pending.append(pool.submit(work, nxt, groups[nxt]))
+                nxt += 1
+            fold(pending.popleft().result())
+    finally:  # after a failure, groups not started yet are dropped, not read
+        for f in pending:
+            f.cancel()
     if hashing:
         if bytes_differ[0]:
             m.sha_a = m.sha_b = None
@@ -376,7 +375,7 @@ class _InOrder:
         yield
 
     def skip(self, g: int) -> None:
-        """Group g is done with this side: let g + 1 through (after g's own turn came)."""
+        """Group g is done with the bytes: let g + 1 through (after g's own turn came)."""
         with self._cv:
             self._cv.wait_for(lambda: self._next >= g)
             self._next = max(self._next, g + 1)
@@ -385,12 +384,6 @@ class _InOrder:
 
 class _Inline:
     """An executor that runs each call at once, in the caller's thread (Future-compatible results)."""
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc) -> None:
-        return None
 
     @staticmethod
     def submit(fn, *args) -> Future:
