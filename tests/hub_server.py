@@ -393,8 +393,13 @@ class _Handler(BaseHTTPRequestHandler):
                 chunk = handle.read(min(_CHUNK, stop - pos))
                 if not chunk:
                     break
-                self.wfile.write(chunk)
+                # counted before the write: once the client holds the bytes it may read the count at once
                 self.state._count(key, len(chunk), self._served)
+                try:
+                    self.wfile.write(chunk)
+                except OSError:
+                    self.state._count(key, -len(chunk), self._served)
+                    raise
                 pos += len(chunk)
         if stop < end:  # cut the connection mid-body
             self.wfile.flush()
@@ -413,8 +418,8 @@ class _Handler(BaseHTTPRequestHandler):
         self.end_headers()
         self._served.status = status
         if method != "HEAD":
-            self.wfile.write(body)
             self.state._count(None, len(body), self._served)
+            self.wfile.write(body)
 
     def _error(self, status: int, code: str, message: str, extra: dict[str, str] | None = None) -> None:
         body = json.dumps({"error": message}).encode()
