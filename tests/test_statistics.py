@@ -201,3 +201,63 @@ def test_simhash_and_sums_through_the_stream_equal_direct_ones(sampled_pair):
     r = fx.ratio(*fx.centred_parts(m.acc.totals, m.acc.col_a.numpy(), m.acc.col_b.numpy(), 64))
     assert r == pytest.approx(direct_r, abs=1e-6)
     assert 0 < simhash_distance(m.simhash_a, m.simhash_b) < 128
+
+
+def test_delete_one_block_values_equal_a_direct_recomputation(sampled_pair):
+    """The jackknife's delete-one statistics, formed for all blocks at once from the kept block sums, equal the
+    statistic recomputed from the tensors' rows with block b dropped and its stratum's other blocks reweighted."""
+    from safetensors.torch import load_file
+
+    from hf_provenance.alignment.identity import identity_plan
+    from hf_provenance.measurement.accumulate import unshift
+    from hf_provenance.measurement.stream import measure_plan
+    from hf_provenance.sources import open_model
+    from hf_provenance.statistics.tensor import _loo
+
+    base_dir, model_dir, _ = sampled_pair
+    plan, _ = identity_plan(open_model(base_dir), open_model(model_dir))
+    (m,) = measure_plan(plan, open_model(base_dir), open_model(model_dir), fraction=0.1, seed=5)
+    a, b = (next(iter(load_file(f"{d}/model.safetensors").values())).double() for d in (base_dir, model_dir))
+    blocks, strata = m.sample.blocks, np.array(m.sample.strata)
+    assert len(blocks) == len(strata) >= 8 and len(set(strata.tolist())) >= 4
+    n = a.shape[1]
+
+    def sums(x, y):  # the SCALARS and column sums of rows x, y, computed directly
+        rx, ry = x.sum(1), y.sum(1)
+        t = [x.shape[0], x.sum(), y.sum(), (x * x).sum(), (y * y).sum(), (x * y).sum(), (rx * ry).sum(),
+             (rx * rx).sum(), (ry * ry).sum()]
+        return np.array([float(v) for v in t]), x.sum(0).numpy(), y.sum(0).numpy()
+
+    per = [sums(a[s:e], b[s:e]) for s, e in blocks]
+    expect_r, expect_c = [], []
+    for i, h in enumerate(strata):
+        mates = [j for j in range(len(blocks)) if strata[j] == h and j != i]
+        w = (len(mates) + 1) / len(mates)
+        parts = [tuple(w * p for p in per[j]) for j in mates] + [per[j] for j in range(len(blocks)) if strata[j] != h]
+        t, ca, cb = (sum(p[k] for p in parts) for k in range(3))
+        expect_r.append(fx.ratio(*fx.centred_parts(t, ca, cb, n)))
+        expect_c.append(fx.cosine(t))
+    got_r, got_c = _loo(m.acc, strata, lambda t, ca, cb: fx.ratios(*fx.centred_parts(t, ca, cb, n)),
+                        lambda t, ca, cb: fx.cosines(unshift(t, n, m.acc.shift_a, m.acc.shift_b)))
+    np.testing.assert_allclose(got_r, expect_r, rtol=0, atol=1e-6)
+    np.testing.assert_allclose(got_c, expect_c, rtol=0, atol=1e-6)
+    assert np.ptp(got_r) > 1e-4  # the blocks differ (noise grows along the rows): a constant would not pass
+
+
+def test_stratified_jackknife_interval_equals_its_formula():
+    """v = Σ_h (1 − n_h/N_h)(n_h − 1)/n_h Σ_b (θ_(hb) − θ̄_h)², Student t with Σ(n_h − 1) df; a stratum of one
+    block adds neither variance nor a degree of freedom."""
+    loo = [0.1, 0.3, 0.2, 0.6, 0.5, 0.4]
+    strata, sizes = [0, 0, 1, 1, 1, 2], [10, 12, 5]
+    m1 = (0.2 + 0.6 + 0.5) / 3
+    v = (1 - 2 / 10) * (1 / 2) * ((0.1 - 0.2) ** 2 + (0.3 - 0.2) ** 2) \
+        + (1 - 3 / 12) * (2 / 3) * ((0.2 - m1) ** 2 + (0.6 - m1) ** 2 + (0.5 - m1) ** 2)
+    half = stats.t.ppf(0.975, 3) * np.sqrt(v)
+    lo, hi = fx.jackknife_ci(0.35, loo, strata, sizes, fisher_scale=False)
+    assert (lo, hi) == pytest.approx((0.35 - half, 0.35 + half), abs=1e-12)
+    lo, hi = fx.jackknife_ci(0.35, loo, strata, sizes)  # on Fisher's z scale
+    zl = np.arctanh(loo)
+    vz = (1 - 2 / 10) * (1 / 2) * np.sum((zl[:2] - zl[:2].mean()) ** 2) \
+        + (1 - 3 / 12) * (2 / 3) * np.sum((zl[2:5] - zl[2:5].mean()) ** 2)
+    hz = stats.t.ppf(0.975, 3) * np.sqrt(vz)
+    assert (lo, hi) == pytest.approx((np.tanh(np.arctanh(0.35) - hz), np.tanh(np.arctanh(0.35) + hz)), abs=1e-12)

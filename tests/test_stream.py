@@ -59,7 +59,7 @@ def _fingerprint(m) -> tuple:
     acc = m.acc
     return (m.pair.base_name, acc.totals.tobytes(), acc.col_a.numpy().tobytes(), acc.col_b.numpy().tobytes(),
             acc.sdd, acc.equal, acc.max_abs_diff, m.sha_a, m.sha_b, m.simhash_a, m.simhash_b, len(acc.blocks),
-            tuple(b.scalars.tobytes() for b in acc.blocks), m.sample.blocks)
+            acc.blocks.scalars.tobytes(), acc.blocks.col_a.tobytes(), acc.blocks.col_b.tobytes(), m.sample.blocks)
 
 
 @pytest.fixture

@@ -52,11 +52,14 @@ class BlockResult:
 
 @dataclass
 class BlockSums:
-    """Sums over one block of rows: the SCALARS plus the block's column sums."""
+    """Sums over each of N row blocks: the SCALARS plus the blocks' column sums, as arrays."""
 
-    scalars: np.ndarray      # float64, len(SCALARS)
-    col_a: np.ndarray        # float64 (n,)
+    scalars: np.ndarray      # float64 (N, len(SCALARS))
+    col_a: np.ndarray        # float64 (N, n)
     col_b: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.scalars)
 
 
 def _mix64(x: torch.Tensor, seed: int) -> torch.Tensor:
@@ -124,14 +127,19 @@ class SimHasher:
 
     def digest(self) -> str:
         flat = self.acc.reshape(-1)
-        f = torch.arange(flat.numel(), dtype=torch.int64)
-        hf = _mix64(f, self.seed + 3)
-        col_sign = torch.where((hf >> 8) & 1 == 1, 1.0, -1.0).to(torch.float64)
-        rot = _mix64(f // SIMHASH_BITS, self.seed + 1) & (SIMHASH_BITS - 1)
-        bucket = (f + rot) % SIMHASH_BITS
+        col_sign, bucket = _simhash_layout(flat.numel(), self.seed)
         z = torch.zeros(SIMHASH_BITS, dtype=torch.float64).index_add_(0, bucket, flat * col_sign)
         bits = (z > 0).numpy().astype(np.uint8)
         return np.packbits(bits).tobytes().hex()
+
+
+@functools.lru_cache(maxsize=64)
+def _simhash_layout(numel: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Column signs and buckets of the flattened (G, n) accumulator: the same for every tensor of a width."""
+    f = torch.arange(numel, dtype=torch.int64)
+    col_sign = torch.where((_mix64(f, seed + 3) >> 8) & 1 == 1, 1.0, -1.0).to(torch.float64)
+    rot = _mix64(f // SIMHASH_BITS, seed + 1) & (SIMHASH_BITS - 1)
+    return col_sign, (f + rot) % SIMHASH_BITS
 
 
 def simhash_distance(a: str, b: str) -> int:
@@ -161,7 +169,7 @@ class PairAccumulator:
     totals: np.ndarray = field(init=False)
     col_a: torch.Tensor = field(init=False)
     col_b: torch.Tensor = field(init=False)
-    blocks: list = field(default_factory=list)
+    _groups: list = field(default_factory=list)  # per group: (scalars, col_a, col_b) of its blocks (keep_blocks)
     sdd: float = 0.0
     max_abs_diff: float = 0.0
     equal: int = 0
@@ -169,6 +177,7 @@ class PairAccumulator:
     nonfinite: int = 0
     sketch_acc: torch.Tensor | None = None
     _g: torch.Tensor | None = None
+    _g_sum: torch.Tensor | None = None
     # Scalar shifts subtracted before the float32 products when a tensor is dominated by its offset (norm
     # weights ≈ 1 ± 1e-4): centred statistics are invariant to them and raw ones are restored exactly (unshift).
     shift_a: float | None = None
@@ -184,8 +193,7 @@ class PairAccumulator:
         self.col_a = torch.zeros(self.n_cols, dtype=torch.float64, device=self.device)
         self.col_b = torch.zeros(self.n_cols, dtype=torch.float64, device=self.device)
         if self.sketch:
-            gen = torch.Generator().manual_seed(self.seed + 1234)
-            self._g = (torch.randn(self.n_cols, SKETCH_K, generator=gen) / SKETCH_K ** 0.5).to(self.device)
+            self._g, self._g_sum = _sketch_matrix(self.n_cols, self.seed, str(self.device))
             self.sketch_acc = torch.zeros(self.n_cols, SKETCH_K, dtype=torch.float64, device=self.device)
 
     def side(self, x: torch.Tensor, which: str, blocks: int = 1, project: torch.Tensor | None = None) -> "SideSums":
@@ -260,7 +268,7 @@ class PairAccumulator:
         scalars = np.stack([np.full(nb, float(k)), s_a, s_b, saa, sbb, sab, rab, raa, rbb], axis=1)  # (B, SCALARS)
         sketch = None
         if self.sketch:  # Arᵀ(Br G) of the row-centred blocks, by linearity (no centred copies of the blocks)
-            bg = sb.x @ self._g - torch.outer(sb.rows / self.n_cols, self._g.sum(0))
+            bg = sb.x @ self._g - torch.outer(sb.rows / self.n_cols, self._g_sum)
             sketch = (sa.x.T @ bg - ((sa.rows / self.n_cols) @ bg).unsqueeze(0)).double()
         return BlockResult(scalars, sa.cols, sb.cols, sdd, int(equal), cast_equal, max(neg_lo, hi_v), 0, sketch)
 
@@ -275,10 +283,18 @@ class PairAccumulator:
         self.nonfinite += r.nonfinite
         self.max_abs_diff = max(self.max_abs_diff, r.max_abs_diff)
         if self.keep_blocks:
-            ca, cb = r.col_a.cpu().numpy(), r.col_b.cpu().numpy()
-            self.blocks.extend(BlockSums(r.scalars[i], ca[i], cb[i]) for i in range(len(r.scalars)))
+            self._groups.append((r.scalars, r.col_a.cpu().numpy(), r.col_b.cpu().numpy()))
         if r.sketch is not None:
             self.sketch_acc += r.sketch
+
+    @property
+    def blocks(self) -> BlockSums:
+        """The per-block sums kept so far (sampled runs), in the order the groups were added."""
+        if not self._groups:
+            return BlockSums(np.zeros((0, len(SCALARS))), np.zeros((0, self.n_cols)), np.zeros((0, self.n_cols)))
+        if len(self._groups) > 1:
+            self._groups = [tuple(np.concatenate(parts) for parts in zip(*self._groups))]
+        return BlockSums(*self._groups[0])
 
     def raw_totals(self) -> np.ndarray:
         """The scalar sums of the values as stored (shift and scale undone)."""
@@ -299,6 +315,15 @@ class PairAccumulator:
     @property
     def raw_max_abs_diff(self) -> float:
         return self.max_abs_diff
+
+
+@functools.lru_cache(maxsize=16)
+def _sketch_matrix(n_cols: int, seed: int, device: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """The seeded Gaussian sketch G (n_cols, SKETCH_K) and its column sums, shared (read-only) by every pair of a
+    width: drawing it per pair cost more than measuring a sampled pair's blocks."""
+    gen = torch.Generator().manual_seed(seed + 1234)
+    g = (torch.randn(n_cols, SKETCH_K, generator=gen) / SKETCH_K ** 0.5).to(device)
+    return g, g.sum(0)
 
 
 def _block_dots(x: torch.Tensor, y: torch.Tensor, blocks: int) -> torch.Tensor:
@@ -341,19 +366,20 @@ def _offset(x: torch.Tensor) -> float:
 
 
 def unshift(t: np.ndarray, n_cols: int, mu_a: float | None, mu_b: float | None) -> np.ndarray:
-    """Raw (unshifted) Sa, Sb, Saa, Sbb, Sab from sums of shifted values; other entries unchanged."""
+    """Raw (unshifted) Sa, Sb, Saa, Sbb, Sab from sums of shifted values; other entries unchanged.
+    t: (SCALARS,) or (N, SCALARS)."""
     mu_a, mu_b = mu_a or 0.0, mu_b or 0.0
     if not (mu_a or mu_b):
         return t
     i = {name: j for j, name in enumerate(SCALARS)}
     out = t.copy()
-    n = t[i["rows"]] * n_cols
-    sa, sb = t[i["Sa"]], t[i["Sb"]]
-    out[i["Sa"]] = sa + n * mu_a
-    out[i["Sb"]] = sb + n * mu_b
-    out[i["Saa"]] = t[i["Saa"]] + 2 * mu_a * sa + n * mu_a * mu_a
-    out[i["Sbb"]] = t[i["Sbb"]] + 2 * mu_b * sb + n * mu_b * mu_b
-    out[i["Sab"]] = t[i["Sab"]] + mu_b * sa + mu_a * sb + n * mu_a * mu_b
+    n = t[..., i["rows"]] * n_cols
+    sa, sb = t[..., i["Sa"]], t[..., i["Sb"]]
+    out[..., i["Sa"]] = sa + n * mu_a
+    out[..., i["Sb"]] = sb + n * mu_b
+    out[..., i["Saa"]] = t[..., i["Saa"]] + 2 * mu_a * sa + n * mu_a * mu_a
+    out[..., i["Sbb"]] = t[..., i["Sbb"]] + 2 * mu_b * sb + n * mu_b * mu_b
+    out[..., i["Sab"]] = t[..., i["Sab"]] + mu_b * sa + mu_a * sb + n * mu_a * mu_b
     return out
 
 

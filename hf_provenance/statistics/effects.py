@@ -52,38 +52,63 @@ def _clean(x):
     return x if math.isfinite(x) else None
 
 
-def centred_parts(t: np.ndarray, col_a: np.ndarray, col_b: np.ndarray, n: int) -> tuple[float, float, float]:
-    """(num, den_a, den_b) of the double-centred Pearson from the scalar sums and column sums."""
-    m = t[_I["rows"]]
-    if m <= 0:
+def centred_parts(t: np.ndarray, col_a: np.ndarray, col_b: np.ndarray, n: int):
+    """(num, den_a, den_b) of the double-centred Pearson from the scalar sums and column sums.
+
+    Also for many sum sets at once: t (N, SCALARS) and col_a, col_b (N, n) give three (N,) arrays.
+    """
+    m = t[..., _I["rows"]]
+    if np.ndim(m) == 0 and m <= 0:
         return 0.0, 0.0, 0.0
+    m = np.where(m > 0, m, np.inf)  # no rows: every part 0
     mn = m * n
-    num = t[_I["Sab"]] - t[_I["Rab"]] / n - float(col_a @ col_b) / m + t[_I["Sa"]] * t[_I["Sb"]] / mn
-    da = t[_I["Saa"]] - t[_I["Raa"]] / n - float(col_a @ col_a) / m + t[_I["Sa"]] ** 2 / mn
-    db = t[_I["Sbb"]] - t[_I["Rbb"]] / n - float(col_b @ col_b) / m + t[_I["Sb"]] ** 2 / mn
+    sa, sb = t[..., _I["Sa"]], t[..., _I["Sb"]]
+    num = t[..., _I["Sab"]] - t[..., _I["Rab"]] / n - _rowdot(col_a, col_b) / m + sa * sb / mn
+    da = t[..., _I["Saa"]] - t[..., _I["Raa"]] / n - _rowdot(col_a, col_a) / m + sa ** 2 / mn
+    db = t[..., _I["Sbb"]] - t[..., _I["Rbb"]] / n - _rowdot(col_b, col_b) / m + sb ** 2 / mn
     return num, da, db
 
 
-def vector_parts(t: np.ndarray, n: int) -> tuple[float, float, float]:
-    """(num, den_a, den_b) of the ordinary Pearson of two vectors of length n."""
-    num = t[_I["Sab"]] - t[_I["Sa"]] * t[_I["Sb"]] / n
-    da = t[_I["Saa"]] - t[_I["Sa"]] ** 2 / n
-    db = t[_I["Sbb"]] - t[_I["Sb"]] ** 2 / n
+def _rowdot(x: np.ndarray, y: np.ndarray):
+    return float(x @ y) if x.ndim == 1 else np.einsum("ij,ij->i", x, y)
+
+
+def vector_parts(t: np.ndarray, n: int):
+    """(num, den_a, den_b) of the ordinary Pearson of two vectors of length n (t may be (N, SCALARS))."""
+    sa, sb = t[..., _I["Sa"]], t[..., _I["Sb"]]
+    num = t[..., _I["Sab"]] - sa * sb / n
+    da = t[..., _I["Saa"]] - sa ** 2 / n
+    db = t[..., _I["Sbb"]] - sb ** 2 / n
     return num, da, db
+
+
+def ratios(num, da, db) -> np.ndarray:
+    """num/√(da·db) clipped to [−1, 1], elementwise; NaN where a side has (numerically) no spread."""
+    num, da, db = (np.asarray(x, np.float64) for x in (num, da, db))
+    scale = np.maximum(np.maximum(np.abs(da), np.abs(db)), TINY)
+    ok = (da > 1e-12 * scale) & (db > 1e-12 * scale) & (da > TINY) & (db > TINY)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        r = np.clip(num / np.sqrt(np.where(ok, da * db, np.nan)), -1.0, 1.0)
+    return np.where(ok, r, np.nan)
 
 
 def ratio(num: float, da: float, db: float) -> float | None:
-    scale = max(abs(da), abs(db), TINY)
-    if da <= 1e-12 * scale or db <= 1e-12 * scale or da <= TINY or db <= TINY:
-        return None
-    return float(np.clip(num / math.sqrt(da * db), -1.0, 1.0))
+    r = float(ratios(num, da, db))
+    return r if math.isfinite(r) else None
+
+
+def cosines(t: np.ndarray) -> np.ndarray:
+    """Cosine from the raw sums, elementwise over t (..., SCALARS); NaN where a side is zero."""
+    saa, sbb = t[..., _I["Saa"]], t[..., _I["Sbb"]]
+    ok = (saa > TINY) & (sbb > TINY)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        c = np.clip(t[..., _I["Sab"]] / np.sqrt(np.where(ok, saa * sbb, np.nan)), -1.0, 1.0)
+    return np.where(ok, c, np.nan)
 
 
 def cosine(t: np.ndarray) -> float | None:
-    saa, sbb = t[_I["Saa"]], t[_I["Sbb"]]
-    if saa <= TINY or sbb <= TINY:
-        return None
-    return float(np.clip(t[_I["Sab"]] / math.sqrt(saa * sbb), -1.0, 1.0))
+    c = float(cosines(t))
+    return c if math.isfinite(c) else None
 
 
 def two_sided_p(z: float) -> float:
@@ -144,35 +169,32 @@ def _permutations(n: int, n_perm: int, seed: int) -> np.ndarray:
     return idx
 
 
-def fisher(r: float) -> float:
-    return math.atanh(float(np.clip(r, -0.999999, 0.999999)))
+def fisher(r):
+    return np.arctanh(np.clip(r, -0.999999, 0.999999))
 
 
-def jackknife_ci(theta_full: float, theta_loo: list[float], strata: list[int], stratum_sizes: list[int],
-                 *, fisher_scale: bool = True, level: float = 0.95) -> tuple[float, float] | None:
+def jackknife_ci(theta_full: float, theta_loo, strata, stratum_sizes, *, fisher_scale: bool = True,
+                 level: float = 0.95) -> tuple[float, float] | None:
     """Stratified delete-one-block jackknife interval with finite-population correction.
 
     v = Σ_h (1 − f_h)(n_h − 1)/n_h Σ_{b∈h} (θ_(b) − θ̄_h)², f_h = n_h/N_h; on Fisher's z scale for correlations.
+    ``theta_loo``: the delete-one values, one per block, in the order of ``strata``.
     """
-    if not theta_loo:
+    loo = np.asarray(theta_loo, np.float64)
+    if not loo.size:
         return None
-    tf = fisher if fisher_scale else (lambda x: x)
-    full = tf(theta_full)
-    loo = np.array([tf(x) for x in theta_loo])
-    st = np.array(strata)
-    v, df = 0.0, 0
-    for h in np.unique(st):
-        sel = loo[st == h]
-        nh = sel.size
-        if nh < 2:
-            continue
-        fh = nh / max(stratum_sizes[h], nh)
-        v += (1 - fh) * (nh - 1) / nh * float(((sel - sel.mean()) ** 2).sum())
-        df += nh - 1
-    # Student t with the jackknife's degrees of freedom (blocks minus strata)
-    from scipy.special import stdtrit  # Student t quantile; scipy.stats would add ~0.5 s of import
-
-    q = float(stdtrit(df, 0.5 + level / 2)) if df > 0 else float("inf")
+    full = float(fisher(theta_full)) if fisher_scale else float(theta_full)
+    if fisher_scale:
+        loo = fisher(loo)
+    st = np.asarray(strata)
+    n_h = np.bincount(st).astype(np.float64)
+    used = n_h >= 2  # a stratum of one block carries no variance estimate
+    mean_h = np.bincount(st, loo) / np.maximum(n_h, 1)
+    ss_h = np.bincount(st, (loo - mean_h[st]) ** 2, minlength=n_h.size)
+    f_h = n_h / np.maximum(np.asarray(stratum_sizes, np.float64)[:n_h.size], n_h)
+    v = float(np.sum(np.where(used, (1 - f_h) * (n_h - 1) / np.maximum(n_h, 1) * ss_h, 0.0)))
+    df = int(np.sum(np.where(used, n_h - 1, 0)))
+    q = _t_quantile(df, 0.5 + level / 2)  # Student t with the jackknife's degrees of freedom (blocks minus strata)
     half = q * math.sqrt(max(v, 0.0))
     lo, hi = full - half, full + half
     if not math.isfinite(half):
@@ -180,3 +202,12 @@ def jackknife_ci(theta_full: float, theta_loo: list[float], strata: list[int], s
     if fisher_scale:
         return math.tanh(lo), math.tanh(hi)
     return lo, hi
+
+
+@functools.lru_cache(maxsize=256)
+def _t_quantile(df: int, q: float) -> float:
+    if df <= 0:
+        return float("inf")
+    from scipy.special import stdtrit  # Student t quantile; scipy.stats would add ~0.5 s of import
+
+    return float(stdtrit(df, q))

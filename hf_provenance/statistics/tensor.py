@@ -64,29 +64,42 @@ class TensorResult:
         }
 
 
-def _loo(acc, fn, strata: list[int]):
-    """Stratified delete-one-block values of fn(totals, col_a, col_b) (JKn).
+LOO_CHUNK = 256  # blocks whose delete-one column sums are formed at once (bounds memory for wide tensors)
+
+
+def _loo(acc, strata, *fns, cols: bool = True) -> list[np.ndarray]:
+    """Stratified delete-one-block values of each fn(totals, col_a, col_b) (JKn): one array per fn, a value per
+    block, NaN where undefined.
 
     Deleting block b of stratum h reweights the stratum's other blocks by n_h/(n_h−1), so the stratum keeps its
-    share: totals_(hb) = T − S_h + n_h/(n_h−1)·(S_h − b). Every statistic here is a function of such sums.
+    share: totals_(hb) = T − S_h + n_h/(n_h−1)·(S_h − b). Every statistic here is a function of such sums; fn
+    takes them for many blocks at once ((N, SCALARS), (N, n), (N, n)); ``cols=False`` when no fn needs the column
+    sums (they are then None).
     """
-    t, ca, cb = acc.totals, acc.col_a.cpu().numpy(), acc.col_b.cpu().numpy()
-    sums: dict[int, list] = {}
-    for blk, h in zip(acc.blocks, strata):
-        s = sums.setdefault(h, [np.zeros_like(t), np.zeros_like(ca), np.zeros_like(cb), 0])
-        s[0] = s[0] + blk.scalars
-        s[1] = s[1] + blk.col_a
-        s[2] = s[2] + blk.col_b
-        s[3] += 1
-    out = []
-    for blk, h in zip(acc.blocks, strata):
-        st, sa, sb, nh = sums[h]
-        if nh < 2:
-            out.append(fn(t, ca, cb))
-            continue
-        w = nh / (nh - 1)
-        out.append(fn(t - st + w * (st - blk.scalars), ca - sa + w * (sa - blk.col_a), cb - sb + w * (sb - blk.col_b)))
-    return out
+    blk = acc.blocks
+    h = np.asarray(strata)
+    one_hot = np.zeros((h.max() + 1, h.size))
+    one_hot[h, np.arange(h.size)] = 1.0
+    n_h = one_hot.sum(1)
+    w = np.where(n_h >= 2, n_h / np.maximum(n_h - 1, 1), 1.0)[h][:, None]
+    keep = (n_h >= 2)[h][:, None]  # a lone block: its stratum cannot be reweighted, the totals stay
+
+    parts = [(acc.totals, blk.scalars)]
+    if cols:
+        parts += [(acc.col_a.cpu().numpy(), blk.col_a), (acc.col_b.cpu().numpy(), blk.col_b)]
+    parts = [(total, per_block, one_hot @ per_block) for total, per_block in parts]  # + the strata's sums
+
+    def dropped(total, per_block, by_stratum, sl):
+        s_h = by_stratum[h[sl]]
+        return np.where(keep[sl], total - s_h + w[sl] * (s_h - per_block[sl]), total)
+
+    outs = [np.empty(h.size) for _ in fns]
+    for lo in range(0, h.size, LOO_CHUNK):
+        sl = slice(lo, lo + LOO_CHUNK)
+        tt, ca, cb = [dropped(*part, sl) for part in parts] + [None] * (3 - len(parts))
+        for out, fn in zip(outs, fns):
+            out[lo:lo + LOO_CHUNK] = fn(tt, ca, cb)
+    return outs
 
 
 def _vec_sums(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -112,27 +125,26 @@ def summarize(m: TensorMeasurement, *, seed: int = 0) -> TensorResult:
     ca, cb = acc.col_a.cpu().numpy(), acc.col_b.cpu().numpy()
 
     def r_of(tt, a, b):
-        parts = fx.vector_parts(tt, n) if pair.is_vector else fx.centred_parts(tt, a, b, n)
-        return fx.ratio(*parts)
+        return fx.ratios(*(fx.vector_parts(tt, n) if pair.is_vector else fx.centred_parts(tt, a, b, n)))
 
     def cos_of(tt, a, b):
-        return fx.cosine(unshift(tt, n, acc.shift_a, acc.shift_b))
+        return fx.cosines(unshift(tt, n, acc.shift_a, acc.shift_b))
 
-    cos = cos_of(t, ca, cb)
-    r = r_of(t, ca, cb)
+    def defined(x):
+        return float(x) if np.isfinite(x) else None
+
+    cos = defined(cos_of(t, ca, cb))
+    r = defined(r_of(t, ca, cb))
     if pair.is_vector and m.vec_a is not None:  # exact, in float64
         r = fx.ratio(*fx.vector_parts(_vec_sums(m.vec_a, m.vec_b), n))
     ci_r = ci_c = None
-    if not m.sample.full and acc.blocks:
-        strata, sizes = list(m.sample.strata), list(m.sample.stratum_sizes)
-        if r is not None:
-            loo = _loo(acc, r_of, strata)
-            if all(x is not None for x in loo):
-                ci_r = fx.jackknife_ci(r, loo, strata, sizes)
-        if cos is not None:
-            loo = _loo(acc, cos_of, strata)
-            if all(x is not None for x in loo):
-                ci_c = fx.jackknife_ci(cos, loo, strata, sizes)
+    if not m.sample.full and len(acc.blocks):
+        strata, sizes = m.sample.strata, m.sample.stratum_sizes
+        loo_r, loo_c = _loo(acc, strata, r_of, cos_of, cols=not pair.is_vector)
+        if r is not None and np.isfinite(loo_r).all():
+            ci_r = fx.jackknife_ci(r, loo_r, strata, sizes)
+        if cos is not None and np.isfinite(loo_c).all():
+            ci_c = fx.jackknife_ci(cos, loo_c, strata, sizes)
     elif m.sample.full:
         ci_r = (r, r) if r is not None else None
         ci_c = (cos, cos) if cos is not None else None
