@@ -429,6 +429,47 @@ def test_progress_bar_draws_on_a_terminal_after_the_delay():
 
 # ------------------------------------------------------------------------------------------------ subprocess
 
+def test_every_command_preloads_modules_that_exist():
+    """``main`` imports each command's heavy modules first (GC paused): a misspelt name would fail every run."""
+    import importlib.util
+
+    assert {c.name for c in commands.COMMANDS if c.preload} == {c.name for c in commands.COMMANDS}
+    for c in commands.COMMANDS:
+        for name in c.preload:
+            assert importlib.util.find_spec(name) is not None, (c.name, name)
+
+
+def test_in_process_main_leaves_the_garbage_collector_alone(capsys, minilm):
+    """Only a whole process may freeze the GC's objects: a caller that runs ``main`` keeps collecting its cycles."""
+    import gc
+
+    frozen = gc.get_freeze_count()
+    assert run(capsys, "inspect", minilm)[0] == 0
+    assert gc.isenabled() and gc.get_freeze_count() == frozen
+
+
+def test_process_main_freezes_after_loading_and_at_the_end(minilm):
+    """As the whole process, ``main`` imports the command's modules with the GC paused, freezes them (torch's objects
+    are never walked again) and freezes the rest before exit; the GC is running in between."""
+    code = ("import gc, json, sys\n"
+            "from hf_provenance.cli import main as m\n"
+            "seen, real = [], m._preload\n"
+            "def spy(modules, *, freeze):\n"
+            "    real(modules, freeze=freeze)\n"
+            "    seen.append([freeze, gc.isenabled(), gc.get_freeze_count(), 'torch' in sys.modules])\n"
+            "m._preload = spy\n"
+            f"rc = m.main(['compare', {str(minilm)!r}, '--base', {str(minilm)!r}], process=True)\n"
+            "print(json.dumps([rc, seen, gc.isenabled(), gc.get_freeze_count()]), file=sys.stderr)\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                          env=subprocess_env(), cwd=ROOT)
+    rc, seen, enabled, frozen_at_end = json.loads(proc.stderr.splitlines()[-1])
+    assert rc == 0 and len(seen) == 1
+    freeze, enabled_after_load, frozen_after_load, torch_loaded = seen[0]
+    assert freeze and enabled_after_load and torch_loaded
+    assert frozen_after_load > 100_000  # torch's objects, moved out of the GC's way
+    assert enabled and frozen_at_end > frozen_after_load  # and what the run made, before the interpreter's teardown
+
+
 def test_subprocess_missing_model_exit_2():
     proc = cli_subprocess("inspect", "/nonexistent/model-folder")
     assert proc.returncode == 2

@@ -34,6 +34,7 @@ class Command:
     help: str
     add_arguments: Callable[[argparse.ArgumentParser], None]
     run: Callable[[argparse.Namespace], int]
+    preload: tuple[str, ...] = ()  # the heavy modules ``run`` imports (``main`` loads them first, see there)
 
 
 # --------------------------------------------------------------------------------------------- shared options
@@ -322,16 +323,17 @@ def run_demo(args: argparse.Namespace) -> int:
 
 COMMANDS: list[Command] = [
     Command("inspect", "Describe one model: architecture, parameter counts, tensor inventory, card metadata.",
-            _inspect_args, run_inspect),
+            _inspect_args, run_inspect, ("hf_provenance.inspect_model", "hf_provenance.report.terminal_inspect")),
     Command("arch", "Compare two architectures side by side (config.json only): what pairs up, and how.",
-            _arch_args, run_arch),
+            _arch_args, run_arch, ("hf_provenance.arch_report", "hf_provenance.report.terminal_inspect")),
     Command("compare", "Compare a model's weights with one or more suspected bases: identical, derived, partial, "
-                       "independent or inconclusive.", _compare_args, run_compare),
+                       "independent or inconclusive.", _compare_args, run_compare,
+            ("hf_provenance.compare", "hf_provenance.report.terminal_compare")),
     Command("card", "Write the provenance section (and optionally base_model metadata) into a model card, from a "
                     "saved report or a fresh comparison; --push opens a pull request on the Hub.",
-            card_cli.add_arguments, card_cli.run),
+            card_cli.add_arguments, card_cli.run, ("hf_provenance.sources", "hf_provenance.report.card")),
     Command("demo", "Build a tiny model family (fine-tune, independent, cast, pruned, vocabulary-extended) and show "
-                    "what the tool finds.", _demo_args, run_demo),
+                    "what the tool finds.", _demo_args, run_demo, ("hf_provenance.cli.demo",)),
 ]
 
 __all__ = ["COMMANDS", "Command", "ProgressBar", "VERDICTS", "parse_device", "parse_sample", "parse_seed",
