@@ -54,16 +54,23 @@ def draw(n_rows: int, row_bytes: int, fraction: float | None, rng: np.random.Gen
         cr = max(br, FULL_READ_CHUNK // max(1, row_bytes))
         chunks = tuple((a, min(n_rows, a + cr)) for a in range(0, n_rows, cr))
         return RowSample(chunks, (0,) * len(chunks), (len(chunks),), n_rows, True)
-    k = max(2 * PER_STRATUM, round(fraction * n_blocks))
+    chosen, strata, sizes = stratified(n_blocks, fraction, rng)
+    return RowSample(tuple(edges[b] for b in chosen), strata, sizes, n_rows, False)
+
+
+def stratified(n_units: int, fraction: float, rng: np.random.Generator
+               ) -> tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]:
+    """About ``fraction`` of units 0..n_units-1 (at least two strata of PER_STRATUM): the unit range cut into equal
+    strata, PER_STRATUM distinct units drawn uniformly in each. (chosen units ascending, stratum of each, sizes)."""
+    k = max(2 * PER_STRATUM, round(fraction * n_units))
     n_strata = max(2, k // PER_STRATUM)
-    bounds = np.linspace(0, n_blocks, n_strata + 1).round().astype(int)
+    bounds = np.linspace(0, n_units, n_strata + 1).round().astype(int)
     chosen, strata, sizes = [], [], []
     for h in range(n_strata):
         lo, hi = int(bounds[h]), int(bounds[h + 1])
-        size = hi - lo
-        sizes.append(size)
-        take = min(PER_STRATUM, size)
+        sizes.append(hi - lo)
+        take = min(PER_STRATUM, hi - lo)
         for b in sorted(rng.choice(np.arange(lo, hi), size=take, replace=False).tolist()):
-            chosen.append(edges[b])
+            chosen.append(b)
             strata.append(h)
-    return RowSample(tuple(chosen), tuple(strata), tuple(sizes), n_rows, False)
+    return tuple(chosen), tuple(strata), tuple(sizes)
