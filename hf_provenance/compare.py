@@ -51,10 +51,10 @@ def _arch(base, model) -> dict | None:
         return {"error": str(exc)}
 
 
-def _evaluate(plan, base, model, *, sample, seed, device, progress, th):
+def _evaluate(plan, base, model, *, sample, seed, device, progress, th, skipped=None):
     # each pair's statistics are computed on the thread that measured it, while the next pairs are read
     tensors = measure_plan(plan, base, model, fraction=sample, seed=seed, device=device, progress=progress,
-                           then=lambda m: summarize(m, seed=seed))
+                           then=lambda m: summarize(m, seed=seed), skipped=skipped)
     tensors.sort(key=lambda t: (t.layer if t.layer is not None else -1, t.name))
     components = aggregate.by(tensors, lambda t: t.component, th)
     layer_groups = aggregate.by([t for t in tensors if t.layer is not None], lambda t: t.layer, th)
@@ -149,8 +149,9 @@ def compare_one(model, base, *, sample: float | None, seed: int, device: str, pr
         plan, _, fold_lines = folded
         layer_lines = layer_lines + fold_lines
     layer_rel = list((plan.summary.get("layers") or {}).get("relation", []))
+    unread: list = []  # small routed-expert tensors of the experts not drawn (--sample)
     tensors, components, layers = _evaluate(plan, base, model, sample=sample, seed=seed, device=device,
-                                            progress=progress, th=th)
+                                            progress=progress, th=th, skipped=unread)
     vmap = facts["vocab"]
     lay_b, lay_m = facts["layers"]
     containment = {"layers": (lay_b, lay_m), "layer_relation": layer_rel}
@@ -227,8 +228,9 @@ def compare_one(model, base, *, sample: float | None, seed: int, device: str, pr
         if applied and not {"upcycled", "pruned"} & set(extra):
             extra.append("permuted")
         if new_plan is not None or applied or repaired:
+            unread.clear()
             tensors, components, layers = _evaluate(work, base, model, sample=sample, seed=seed, device=device,
-                                                    progress=progress, th=th)
+                                                    progress=progress, th=th, skipped=unread)
             reported = work
             kwargs["not_compared"] = ([not_compared[0]] if fmt else []) + _not_compared(work)
             summary = {**dict(work.summary), **{k: v for k, v in summary.items() if k not in work.summary}}
@@ -253,6 +255,15 @@ def compare_one(model, base, *, sample: float | None, seed: int, device: str, pr
     if hasattr(model, "bytes_fetched") or hasattr(base, "bytes_fetched"):
         io["bytes_fetched"] = {"model": getattr(model, "bytes_fetched", 0) - fetched0[0],
                                "base": getattr(base, "bytes_fetched", 0) - fetched0[1]}
+    drawn = {t.expert_draw.population: t.expert_draw for t in tensors if t.expert_draw is not None}
+    if drawn:
+        n_all, n_read = sum(d.experts for d in drawn.values()), sum(d.drawn for d in drawn.values())
+        io["expert_sample"] = {"layers": len(drawn), "experts": n_all, "experts_read": n_read,
+                               "tensors_read": sum(t.expert_draw is not None for t in tensors),
+                               "tensors_not_read": len(unread)}
+        lines.append(f"expert sampling: {n_read} of {n_all} routed experts read whole (a stratified sample in each "
+                     f"of {len(drawn)} layers: their tensors are under 30 row blocks); each stands for the experts "
+                     "of its layer not read, and the intervals include the between-expert variance")
     alignment = {"residual": None, "units": None, "heads": None, "layers": None, "experts": None}
     alignment.update(summary)
     alignment["lines"] = lines

@@ -23,6 +23,7 @@ import torch
 
 from hf_provenance.alignment.plan import ARBITRARY, AlignmentPlan, PairSpec
 from hf_provenance.measurement.accumulate import ByteHasher, PairAccumulator, SimHasher, row_hashes
+from hf_provenance.measurement.experts import ExpertDraw, expert_sample
 from hf_provenance.measurement.memory import release_free_memory
 from hf_provenance.measurement.readahead import ReadAhead, pair_bytes, units
 from hf_provenance.measurement.sampling import FULL_READ_CHUNK, RowSample, block_rows, draw
@@ -52,6 +53,7 @@ class TensorMeasurement:
     rowhash_jaccard: float | None = None
     bytes_differ: bool = False
     notes: list[str] = field(default_factory=list)
+    expert_draw: ExpertDraw | None = None  # a whole expert drawn under --sample (``measurement.experts``)
 
 
 def _runs(idx: np.ndarray) -> list[tuple[int, int, int]]:
@@ -407,7 +409,7 @@ def big_blocks(sample: RowSample, row_bytes: int) -> bool:
 
 
 def measure_plan(plan: AlignmentPlan, base, cand, *, fraction: float | None, seed: int,
-                 device: str | torch.device = "cpu", progress=None, then=None) -> list:
+                 device: str | torch.device = "cpu", progress=None, then=None, skipped: list | None = None) -> list:
     """Measure every pair of the plan in base file order (so reads are mostly sequential).
 
     Two workers share the CPU: a pair of big blocks (a full read) is split between them block by block; pairs of
@@ -415,6 +417,8 @@ def measure_plan(plan: AlignmentPlan, base, cand, *, fraction: float | None, see
     announced to the sources a window ahead of the measurement (``readahead``). Results come back in plan
     order whatever finishes first. ``then``: a function applied to each measurement on the thread that made it
     (the statistics, off the main thread); the list holds its results instead of the measurements.
+    Under sampling, small routed-expert tensors are sampled whole, a stratified sample of experts per layer
+    (``measurement.experts``); ``skipped`` (a list) receives the pairs left unread.
     """
     dev = torch.device(device)
     buffers = BlockBuffers()
@@ -422,14 +426,20 @@ def measure_plan(plan: AlignmentPlan, base, cand, *, fraction: float | None, see
     order = sorted(plan.pairs, key=lambda p: (inv[p.base_name].file, inv[p.base_name].start))
     rngs = [np.random.default_rng([seed, zlib.crc32(p.base_name.encode())]) for p in order]
     samples = [draw(p.n_rows, p.n_cols * inv[p.base_name].itemsize, fraction, r) for p, r in zip(order, rngs)]
+    picks = expert_sample(order, samples, fraction, seed)
+    if skipped is not None:
+        skipped.extend(p for p, pick in zip(order, picks) if pick is False)
+    kept = [i for i, pick in enumerate(picks) if pick is not False]
+    order, rngs, samples, picks = ([xs[i] for i in kept] for xs in (order, rngs, samples, picks))
     # split block by block: full reads of many big blocks; anything smaller is one worker's job (two at a time),
     # which spares the wait for the queue to drain before a split pair
     big = [s.full and len(s.blocks) >= SPLIT_BLOCKS and big_blocks(s, inv[p.base_name].row_bytes)
            for p, s in zip(order, samples)]
     out: list = []
     pending: deque = deque()
-    def run(p, kw):
+    def run(p, kw, pick=None):
         m = measure_pair(p, base, cand, **kw)
+        m.expert_draw = pick
         return m, (then(m) if then is not None else m)
 
     since_check = [0]
@@ -458,9 +468,9 @@ def measure_plan(plan: AlignmentPlan, base, cand, *, fraction: float | None, see
                     while pending:
                         finish(pending.popleft().result(), False)
                     consumed = (lambda rows, p=p: ahead.consumed(pair_bytes(p, rows, base, cand)))
-                    finish(run(p, dict(kw, pool=pool, on_fold=consumed)), True)
+                    finish(run(p, dict(kw, pool=pool, on_fold=consumed), picks[i]), True)
                     continue
-                pending.append(pool.submit(run, p, kw))
+                pending.append(pool.submit(run, p, kw, picks[i]))
                 if len(pending) > PAIRS_AHEAD:
                     finish(pending.popleft().result(), False)
             while pending:

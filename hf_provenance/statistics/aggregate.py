@@ -72,17 +72,19 @@ def is_evidence(t: TensorResult, th: Thresholds) -> bool:
 
 
 def group(name: str, tensors: list[TensorResult], th: Thresholds) -> GroupEffect:
+    """A group's effect. Tensors weigh by the parameters they stand for (an expert drawn whole under --sample stands
+    for N/k experts of its layer), and the interval adds the between-expert variance of such expert samples."""
     elig = [t for t in tensors if t.evidence and t.pearson.value is not None]
-    params = sum(t.numel for t in tensors)
+    params = round(sum(t.numel * t.weight for t in tensors))
     n_ev = sum(is_evidence(t, th) for t in tensors)
-    cos = [(t.cosine.value, t.numel) for t in tensors if t.cosine.value is not None]
+    cos = [(t.cosine.value, t.numel * t.weight) for t in tensors if t.cosine.value is not None]
     cos_mean = float(np.average([c for c, _ in cos], weights=[w for _, w in cos])) if cos else None
-    rep = [(t.pearson.value, t.numel) for t in tensors if t.pearson.value is not None]
+    rep = [(t.pearson.value, t.numel * t.weight) for t in tensors if t.pearson.value is not None]
     r_rep = float(np.average([c for c, _ in rep], weights=[w for _, w in rep])) if rep else None
     if not elig:
         return GroupEffect(name, len(tensors), n_ev, params, None, None, None, None, cos_mean, r_rep, None, None,
                            False, False)
-    w = np.array([t.numel for t in elig], float)
+    w = np.array([t.numel * t.weight for t in elig], float)
     r = np.array([t.pearson.value for t in elig])
     # sampling sd of each tensor's r from its interval (zero-width when read fully)
     sd = np.array([((t.pearson.ci[1] - t.pearson.ci[0]) / (2 * 1.96)) if t.pearson.ci else 0.0 for t in elig])
@@ -91,11 +93,12 @@ def group(name: str, tensors: list[TensorResult], th: Thresholds) -> GroupEffect
                     for t in elig])
     wn = w / w.sum()
     r_mean = float(wn @ r)
-    se = float(math.sqrt(float((wn ** 2) @ (sd ** 2))))
     # the equivalence statistic: mean |r| in excess of what independent tensors of these sizes give
     excess = np.abs(r) - math.sqrt(2 / math.pi) * sd0
     r_abs = max(0.0, float(wn @ excess))
-    se_abs = float(math.sqrt(float((wn ** 2) @ (sd ** 2 + (1 - 2 / math.pi) * sd0 ** 2))))
+    between_r, between_abs = _between_experts(elig, wn, r, excess)
+    se = float(math.sqrt(float((wn ** 2) @ (sd ** 2)) + between_r))
+    se_abs = float(math.sqrt(float((wn ** 2) @ (sd ** 2 + (1 - 2 / math.pi) * sd0 ** 2)) + between_abs))
     upper = r_abs + 1.645 * se_abs
     ps = [t.pearson.p for t in elig if t.pearson.p is not None]
     need = min(th.min_evidence_tensors, len(elig))
@@ -103,6 +106,32 @@ def group(name: str, tensors: list[TensorResult], th: Thresholds) -> GroupEffect
     return GroupEffect(name, len(tensors), n_ev, params, r_mean, r_abs,
                        (r_mean - 1.96 * se, r_mean + 1.96 * se), upper, cos_mean, r_rep,
                        cauchy_combine(ps), bonferroni(ps), derived, upper < th.delta)
+
+
+def _between_experts(elig: list[TensorResult], wn: np.ndarray, *values: np.ndarray) -> list[float]:
+    """Variance that drawing experts whole adds to each weighted mean Σ wn·v. The unit is the expert (its tensors
+    are drawn together, and move together: an expert re-initialised or kept shows in all of them): per layer with k
+    of N experts read, k·(1 − k/N)·s², s² the variance over the drawn experts of z_e = Σ wn·v over expert e's
+    tensors in the group (the expansion estimator's variance under simple random sampling of experts; the
+    stratified draw only does better)."""
+    z: dict[str, dict[int, list[float]]] = {}
+    sizes: dict[str, tuple[int, int]] = {}
+    for i, t in enumerate(elig):
+        d = t.expert_draw
+        if d is not None:
+            per = z.setdefault(d.population, {}).setdefault(d.expert, [0.0] * len(values))
+            for j, v in enumerate(values):
+                per[j] += float(wn[i] * v[i])
+            sizes[d.population] = (d.experts, d.drawn)
+    out = [0.0] * len(values)
+    for pop, per_expert in z.items():
+        n, k = sizes[pop]
+        if len(per_expert) < 2:
+            continue
+        zs = np.array(list(per_expert.values()))  # (experts read in this group, values)
+        for j in range(len(values)):
+            out[j] += k * max(0.0, 1 - k / n) * float(np.var(zs[:, j], ddof=1))
+    return out
 
 
 def by(tensors: list[TensorResult], keyfn, th: Thresholds) -> dict:

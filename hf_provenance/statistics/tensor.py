@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from hf_provenance.measurement.accumulate import SCALARS, simhash_distance, unshift
+from hf_provenance.measurement.experts import ExpertDraw
 from hf_provenance.measurement.stream import TensorMeasurement
 from hf_provenance.statistics import effects as fx
 
@@ -46,6 +47,12 @@ class TensorResult:
     rowhash_jaccard: float | None
     fraction_read: float
     notes: tuple[str, ...] = field(default_factory=tuple)
+    expert_draw: ExpertDraw | None = None  # one of k experts of N read whole under --sample: stands for N/k
+
+    @property
+    def weight(self) -> float:
+        """Tensors this one stands for in the aggregates (N/k for an expert drawn under --sample, else 1)."""
+        return self.expert_draw.weight if self.expert_draw is not None else 1.0
 
     def to_dict(self) -> dict:
         c = fx._clean
@@ -61,6 +68,9 @@ class TensorResult:
             "sha256_equal": self.sha256_equal, "simhash_distance": self.simhash_distance,
             "rowhash_jaccard": c(self.rowhash_jaccard), "fraction_read": c(self.fraction_read),
             "notes": list(self.notes),
+            "expert_sample": None if self.expert_draw is None else {
+                "population": self.expert_draw.population, "experts": self.expert_draw.experts,
+                "experts_read": self.expert_draw.drawn, "stands_for": self.expert_draw.weight},
         }
 
 
@@ -208,4 +218,5 @@ def summarize(m: TensorMeasurement, *, seed: int = 0) -> TensorResult:
         rel_l2=rel_l2, rel_mse_rounding=rel_mse, mse=mse, max_abs_diff=acc.raw_max_abs_diff,
         max_abs_diff_is_bound=not m.sample.full, frac_equal=acc.equal / numel if numel else 0.0,
         bit_equal=bit_equal, cast_equal=cast_eq, sha256_equal=sha_eq, simhash_distance=sim,
-        rowhash_jaccard=m.rowhash_jaccard, fraction_read=m.sample.fraction, notes=tuple(notes))
+        rowhash_jaccard=m.rowhash_jaccard, fraction_read=m.sample.fraction, notes=tuple(notes),
+        expert_draw=m.expert_draw)
