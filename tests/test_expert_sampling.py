@@ -82,9 +82,12 @@ def test_expert_sample_intervals_cover_the_full_run(moe):
     truth = _run(moe["mixed"], moe["base"])["components"]["routed_experts"]["pearson"]["value"]
     n, hits, values = 60, 0, []
     for seed in range(n):
-        p = _run(moe["mixed"], moe["base"], sample=0.1, seed=seed)["components"]["routed_experts"]["pearson"]
+        c = _run(moe["mixed"], moe["base"], sample=0.1, seed=seed)
+        p = c["components"]["routed_experts"]["pearson"]
         hits += p["ci"][0] <= truth <= p["ci"][1]
         values.append(p["value"])
+        for g in c["layers"]:  # wide intervals stay within [-1, 1]
+            assert -1.0 <= g["pearson"]["ci"][0] <= g["pearson"]["ci"][1] <= 1.0, g
     assert np.std(values) > 0.03  # which experts are drawn matters: a zero-width interval could not pass
     assert 0.85 <= hits / n <= 1.0, hits / n
     assert abs(np.mean(values) - truth) < 0.05  # the expansion estimator is unbiased

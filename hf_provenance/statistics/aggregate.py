@@ -104,7 +104,7 @@ def group(name: str, tensors: list[TensorResult], th: Thresholds) -> GroupEffect
     need = min(th.min_evidence_tensors, len(elig))
     derived = n_ev >= max(1, need) and abs(r_mean) >= th.r_derived
     return GroupEffect(name, len(tensors), n_ev, params, r_mean, r_abs,
-                       (r_mean - 1.96 * se, r_mean + 1.96 * se), upper, cos_mean, r_rep,
+                       (max(-1.0, r_mean - 1.96 * se), min(1.0, r_mean + 1.96 * se)), upper, cos_mean, r_rep,
                        cauchy_combine(ps), bonferroni(ps), derived, upper < th.delta)
 
 
