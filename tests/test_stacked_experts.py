@@ -99,6 +99,12 @@ def test_stacked_copy_is_identical_to_per_expert_base(make):
     assert c["verdict"] == "identical" and c["relation"] == ["copy"], c["reasons"]
     assert not c["unmatched"] and c["components"]["routed_experts"]["params"] > 0
     assert any("paired expert by expert by index in 2 layers" in line for line in c["alignment"]["lines"])
+    # what was compared: every weight of both checkpoints (the stacked experts too, not only the identity plan's)
+    from hf_provenance.sources import open_model
+
+    sizes = [sum(i.nbytes for i in open_model(f).inventory.values())
+             for f in (make("qwen3_moe"), make("qwen3_moe", "stack_experts"))]
+    assert c["io"]["bytes_total"] == sum(sizes)
 
 
 def test_independent_stacked_moe_is_independent_with_its_experts_compared(make, tmp_path):
