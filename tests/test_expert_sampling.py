@@ -159,3 +159,25 @@ def test_sample_reads_about_the_fraction_of_published_checkpoints(config):
             total += n * c.instances * c.layers
             read += n * kept * c.layers * s.fraction
     assert read / total <= 0.15, read / total
+
+
+def test_units_permuted_inside_many_experts_are_recovered_with_a_subset_null(moe, tmp_path_factory, monkeypatch):
+    """Units shuffled inside each of 64 experts per layer: the unit search recovers every layer's batch, its null
+    simulated on MAX_NULL_GROUPS experts (every draw re-sketches each tested expert: the cost that made a
+    128-expert layer take 42 s of null alone)."""
+    from hf_provenance.alignment import nulls as N
+    from hf_provenance.alignment import units as U
+
+    folder = str(apply_transform(moe["noisy"], tmp_path_factory.mktemp("pu") / "pu", "permute_units"))
+    for sample in (None, 0.1):
+        c = _run(folder, moe["base"], sample=sample, seed=1)
+        assert c["verdict"] == "derived" and "permuted" in c["relation"], c["reasons"]
+        assert c["alignment"]["units"]["recovered"] == c["alignment"]["units"]["batches"] == 2
+    calls = []
+    real = N.unit_cols
+    monkeypatch.setattr(N, "unit_cols", lambda x: calls.append(1) or real(x))
+    monkeypatch.setattr(U, "MAX_NULL_GROUPS", 5)
+    c = _run(folder, moe["base"], sample=0.1, seed=1)
+    assert c["alignment"]["units"]["recovered"] == 2
+    # per batch: (K + 1) evaluations × 2 halves × 5 tested experts, then one fit per expert (64)
+    assert len(calls) == 2 * ((N.NULL_DRAWS + 1) * 2 * 5 + 64)
