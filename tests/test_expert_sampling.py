@@ -181,3 +181,15 @@ def test_units_permuted_inside_many_experts_are_recovered_with_a_subset_null(moe
     assert c["alignment"]["units"]["recovered"] == 2
     # per batch: (K + 1) evaluations × 2 halves × 5 tested experts, then one fit per expert (64)
     assert len(calls) == 2 * ((N.NULL_DRAWS + 1) * 2 * 5 + 64)
+
+
+def test_card_and_html_report_say_which_experts_were_read(moe):
+    from hf_provenance.report.card import render_section
+    from hf_provenance.report.html import render_html
+
+    doc = compare(moe["mixed"], [moe["base"]], sample=0.1, seed=2).to_dict()
+    line = "12 of 128 routed experts in 2 layers, whole: a stratified sample per layer"
+    assert line in render_section(doc)
+    assert line in render_html(doc)
+    full = compare(moe["mixed"], [moe["base"]]).to_dict()
+    assert "routed experts in" not in render_section(full)
