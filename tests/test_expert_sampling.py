@@ -193,3 +193,16 @@ def test_card_and_html_report_say_which_experts_were_read(moe):
     assert line in render_html(doc)
     full = compare(moe["mixed"], [moe["base"]]).to_dict()
     assert "routed experts in" not in render_section(full)
+
+
+@pytest.mark.parametrize("transform, source, verdict, relation", [
+    ("shuffle_experts", "noisy", "derived", "permuted"),   # experts re-paired by the search, then drawn
+    ("stack_experts", "base", "identical", "copy"),        # one side stacked: paired expert by expert, then drawn
+])
+def test_expert_sampling_follows_the_expert_pairing(moe, tmp_path_factory, transform, source, verdict, relation):
+    folder = str(apply_transform(moe[source], tmp_path_factory.mktemp(transform) / "m", transform))
+    c = _run(folder, moe["base"], sample=0.1, seed=4)
+    assert c["verdict"] == verdict and relation in c["relation"], c["reasons"]
+    assert c["io"]["expert_sample"]["experts_read"] == 12 and c["io"]["expert_sample"]["experts"] == 128
+    drawn = [t for t in c["tensors"] if t["expert_sample"] is not None]
+    assert len(drawn) == 36 and all(t["pearson"]["value"] > 0.85 for t in drawn)
