@@ -206,3 +206,27 @@ def test_expert_sampling_follows_the_expert_pairing(moe, tmp_path_factory, trans
     assert c["io"]["expert_sample"]["experts_read"] == 12 and c["io"]["expert_sample"]["experts"] == 128
     drawn = [t for t in c["tensors"] if t["expert_sample"] is not None]
     assert len(drawn) == 36 and all(t["pearson"]["value"] > 0.85 for t in drawn)
+
+
+def test_group_interval_is_the_expansion_estimators():
+    """Four of ten experts drawn, one tensor each (read fully), beside a dense tensor as large as the ten experts:
+    r̄ = ½·dense + ½·mean(experts), and its variance is (½)²·(1 − 4/10)·s²/4, the textbook one for a simple random
+    sample's mean."""
+    from types import SimpleNamespace
+
+    from hf_provenance.measurement.experts import ExpertDraw
+    from hf_provenance.statistics import aggregate
+    from hf_provenance.statistics.thresholds import load
+
+    def tensor(r, numel, draw=None):
+        stat = SimpleNamespace(value=r, ci=(r, r), z=r * 1e3, p=1e-10)
+        return SimpleNamespace(evidence=True, pearson=stat, cosine=SimpleNamespace(value=r), numel=numel,
+                               expert_draw=draw, weight=draw.weight if draw else 1.0)
+
+    rs = [0.9, 0.1, 0.5, 0.3]
+    experts = [tensor(r, 100, ExpertDraw("blk.0", e, 10, 4)) for e, r in zip((0, 3, 5, 8), rs)]
+    g = aggregate.group("x", experts + [tensor(0.7, 1000)], load())
+    assert g.params == 2000
+    assert g.r_mean == pytest.approx(0.5 * 0.7 + 0.5 * np.mean(rs))
+    se = 0.5 * np.sqrt((1 - 4 / 10) * np.var(rs, ddof=1) / 4)
+    assert g.ci == pytest.approx((g.r_mean - 1.96 * se, g.r_mean + 1.96 * se))

@@ -7,7 +7,8 @@ exchangeable units of one population, so a stratified sample of them is read ins
 expert as the unit: the expert index cut into equal strata, two experts drawn in each, about the fraction asked for),
 every small tensor of a chosen expert read fully. Each measured tensor then stands for N/k experts of its layer in
 the aggregates, whose intervals add the between-expert variance with the finite-population correction
-(``statistics.aggregate``; an expert's tensors move together, so the unit of that variance is the expert). Expert tensors large enough to be sampled by rows keep their row sample.
+(``statistics.aggregate``; an expert's tensors move together, so the unit of that variance is the expert). Expert
+tensors large enough to be sampled by rows keep their row sample.
 """
 
 from __future__ import annotations

@@ -126,9 +126,11 @@ def _between_experts(elig: list[TensorResult], wn: np.ndarray, *values: np.ndarr
     out = [0.0] * len(values)
     for pop, per_expert in z.items():
         n, k = sizes[pop]
-        if len(per_expert) < 2:
+        if k < 2:
             continue
-        zs = np.array(list(per_expert.values()))  # (experts read in this group, values)
+        # (k drawn experts, values); a drawn expert with no tensor in this group adds z = 0
+        zs = np.zeros((k, len(values)))
+        zs[:len(per_expert)] = np.array(list(per_expert.values()))
         for j in range(len(values)):
             out[j] += k * max(0.0, 1 - k / n) * float(np.var(zs[:, j], ddof=1))
     return out
