@@ -36,6 +36,11 @@ SIZES = {
     "300m": dict(hidden=1024, layers=16, intermediate=4096, vocab=32000),
     "1b": dict(hidden=2048, layers=16, intermediate=8192, vocab=32000),
     "3b": dict(hidden=3072, layers=24, intermediate=8192, vocab=32000),
+    # a fine-grained MoE (Qwen3-30B-A3B's layer: 128 experts of 768 units), two layers: 1.36B parameters
+    "moe1b": dict(family="qwen3_moe", hidden=2048, layers=2, intermediate=6144, vocab=32000, experts=128,
+                  moe_intermediate=768, experts_per_tok=8),
+    "moe3b": dict(family="qwen3_moe", hidden=2048, layers=4, intermediate=6144, vocab=32000, experts=128,
+                  moe_intermediate=768, experts_per_tok=8),
 }
 
 WORKLOADS = {
@@ -49,7 +54,8 @@ def build_pair(root: Path, size: str) -> tuple[Path, Path]:
 
     base, model = root / f"{size}-base", root / f"{size}-noisy"
     if not (base / "config.json").exists():
-        build_random("llama", base, seed=0, dtype="bfloat16", **SIZES[size])
+        spec = dict(SIZES[size])
+        build_random(spec.pop("family", "llama"), base, seed=0, dtype="bfloat16", **spec)
     if not (model / "config.json").exists():
         apply_transform(base, model, "noise", scale=0.5)
     return base, model
