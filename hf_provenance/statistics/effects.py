@@ -87,8 +87,7 @@ def ratios(num, da, db) -> np.ndarray:
     num, da, db = (np.asarray(x, np.float64) for x in (num, da, db))
     scale = np.maximum(np.maximum(np.abs(da), np.abs(db)), TINY)
     ok = (da > 1e-12 * scale) & (db > 1e-12 * scale) & (da > TINY) & (db > TINY)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        r = np.clip(num / np.sqrt(np.where(ok, da * db, np.nan)), -1.0, 1.0)
+    r = np.clip(num / np.sqrt(np.where(ok, da * db, 1.0)), -1.0, 1.0)  # a harmless denominator where not ok
     return np.where(ok, r, np.nan)
 
 
@@ -101,8 +100,7 @@ def cosines(t: np.ndarray) -> np.ndarray:
     """Cosine from the raw sums, elementwise over t (..., SCALARS); NaN where a side is zero."""
     saa, sbb = t[..., _I["Saa"]], t[..., _I["Sbb"]]
     ok = (saa > TINY) & (sbb > TINY)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        c = np.clip(t[..., _I["Sab"]] / np.sqrt(np.where(ok, saa * sbb, np.nan)), -1.0, 1.0)
+    c = np.clip(t[..., _I["Sab"]] / np.sqrt(np.where(ok, saa * sbb, 1.0)), -1.0, 1.0)
     return np.where(ok, c, np.nan)
 
 
