@@ -18,6 +18,7 @@ import math
 from dataclasses import dataclass
 
 import numpy as np
+import torch
 
 from hf_provenance.measurement.accumulate import SCALARS
 
@@ -143,28 +144,32 @@ def permutation_test_1d(a: np.ndarray, b: np.ndarray, *, n_perm: int = 999, seed
         return float("nan"), float("nan")
     r_obs = float(a @ b / (na * nb))
     perms = _permutations(b.size, n_perm, seed)
-    # the null in float32 (|r| to ~1e-7, far finer than the 1/(K+1) resolution of p), gathered in chunks that stay
-    # in cache: 40% faster than a float64 gather at once; r_obs stays float64
-    a32, b32 = (a / na).astype(np.float32), (b / nb).astype(np.float32)
-    rs = np.empty(n_perm)
-    for s in range(0, n_perm, _PERM_CHUNK):
-        rs[s:s + _PERM_CHUNK] = b32[perms[s:s + _PERM_CHUNK]] @ a32
-    k = int(np.sum(np.abs(rs) >= abs(r_obs) - 1e-12))
+    # the null in float32 (|r| to ~1e-7, far finer than the 1/(K+1) resolution of p), gathered by torch straight
+    # from the int32 permutations in chunks of ~256K values that stay in cache (numpy would first cast every index
+    # to int64: 3.5 against 1.8 ms for a 3072-vector); r_obs stays float64
+    a32 = torch.from_numpy((a / na).astype(np.float32))
+    b32 = torch.from_numpy((b / nb).astype(np.float32))
+    rs = torch.empty(n_perm, dtype=torch.float32)
+    step = max(1, _PERM_CHUNK_VALUES // b.size)
+    for s in range(0, n_perm, step):
+        rows = perms[s:s + step]
+        torch.mv(b32.index_select(0, rows.reshape(-1)).view(rows.shape[0], -1), a32, out=rs[s:s + step])
+    null = rs.double().numpy()
+    k = int(np.sum(np.abs(null) >= abs(r_obs) - 1e-12))
     p = (k + 1) / (n_perm + 1)
-    sd = float(np.std(rs)) or 1.0 / math.sqrt(max(a.size - 1, 1))
+    sd = float(np.std(null)) or 1.0 / math.sqrt(max(a.size - 1, 1))
     return p, r_obs / sd
 
 
-_PERM_CHUNK = 64
+_PERM_CHUNK_VALUES = 1 << 18
 
 
 @functools.lru_cache(maxsize=8)
-def _permutations(n: int, n_perm: int, seed: int) -> np.ndarray:
-    """K seeded uniform permutations of range(n), shared by every vector of length n in a run (each test is still
-    exact: its K permutations are uniform and independent of the data); read-only."""
+def _permutations(n: int, n_perm: int, seed: int) -> torch.Tensor:
+    """K seeded uniform permutations of range(n) as an int32 (K, n) tensor, shared by every vector of length n in a
+    run (each test is still exact: its K permutations are uniform and independent of the data); never written."""
     idx = np.random.default_rng(seed).permuted(np.broadcast_to(np.arange(n, dtype=np.int32), (n_perm, n)), axis=1)
-    idx.flags.writeable = False
-    return idx
+    return torch.from_numpy(np.ascontiguousarray(idx))  # permuted() returns it column-major
 
 
 def fisher(r):
