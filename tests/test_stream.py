@@ -69,6 +69,22 @@ def small_chunks(monkeypatch):
     monkeypatch.setattr(stream, "FULL_READ_CHUNK", 64 * 1024)
 
 
+def test_workers_run_with_one_torch_and_one_blas_thread_each_and_restore_them():
+    # two workers on two cores: torch and the BLAS pools (numpy's OpenBLAS) at one thread each while they run,
+    # the caller's settings after (OpenBLAS threads left at two spin on the cores the workers need)
+    from threadpoolctl import threadpool_info
+
+    def blas():
+        return sorted(p["num_threads"] for p in threadpool_info() if p["user_api"] == "blas")
+
+    torch_before, blas_before = torch.get_num_threads(), blas()
+    assert blas_before, "numpy's BLAS should be visible to threadpoolctl"
+    with stream._intra_op_threads(1):
+        assert torch.get_num_threads() == 1
+        assert set(blas()) == {1}
+    assert torch.get_num_threads() == torch_before and blas() == blas_before
+
+
 @pytest.mark.parametrize("fraction", [None, 0.1])
 def test_workers_give_the_sums_of_one_thread_bit_for_bit(tmp_path, small_chunks, fraction):
     base_dir, model_dir, base_t, cand_t = _pair(tmp_path, same=False)

@@ -14,7 +14,7 @@ import threading
 import zlib
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from itertools import chain
 from dataclasses import dataclass, field
 
@@ -301,17 +301,31 @@ def measure_pair(pair: PairSpec, base, cand, *, fraction: float | None, rng: np.
 
 @contextmanager
 def _intra_op_threads(n: int | None):
-    """torch's intra-op threads set to ``n`` for a plan (restored after): with two workers busy, one torch thread
-    each avoids oversubscribing the cores."""
-    if n is None or torch.get_num_threads() == n:
+    """torch's intra-op threads and the BLAS libraries' threads (numpy's and scipy's OpenBLAS, through
+    threadpoolctl) set to ``n`` for a plan, restored after: with two workers busy, one thread each avoids
+    oversubscribing the cores. OpenBLAS's own threads spin between calls: left at two, they took ~10% of a sampled
+    compare's CPU from the workers (the permutation tests and interval statistics call numpy on the workers)."""
+    if n is None:
         yield
         return
     before = torch.get_num_threads()
-    torch.set_num_threads(n)
+    if before != n:
+        torch.set_num_threads(n)
     try:
-        yield
+        with _blas_limits(n):
+            yield
     finally:
-        torch.set_num_threads(before)
+        if before != n:
+            torch.set_num_threads(before)
+
+
+def _blas_limits(n: int):
+    """threadpoolctl's limit on the BLAS pools loaded in the process (a no-op context where it is missing)."""
+    try:
+        from threadpoolctl import threadpool_limits
+    except ImportError:  # pragma: no cover - a declared dependency; only a broken install lacks it
+        return nullcontext()
+    return threadpool_limits(limits=n, user_api="blas")
 
 
 TRIM_CHECK_BYTES = 64 * 1024 * 1024  # stored bytes measured between looks at the resident set
