@@ -168,6 +168,21 @@ def test_byte_tokens_yield_to_regular_tokens_and_ambiguity_is_counted():
     assert vm.base_only == 2 and vm.model_only == 0
 
 
+def test_one_vocabulary_on_both_sides_maps_as_the_two_passes_do():
+    # aliases (two strings for id 2), ids past the tensors' rows, a gap (id 5 unused): the shortcut taken when both
+    # sides hold one vocabulary must give what the two passes give; an alias only on the model side (id 2 again)
+    # makes the dictionaries differ without changing the answer, so that call runs the passes
+    tokens = {"<unk>": 0, "▁a": 1, "▁b": 2, "b": 2, "▁c": 3, "c": 4, "▁d": 6, "▁e": 7, "▁far": 9}
+    kind = T.TokenizerKind("metaspace", "t")
+    same = Vocabulary("tokenizer.json", dict(tokens), frozenset({"<unk>"}))
+    aliased = Vocabulary("tokenizer.json", {**tokens, "▁bb": 2}, frozenset({"<unk>"}))
+    fast = vocab_map(same, same, 8, 8, base_kind=kind, model_kind=kind)
+    slow = vocab_map(same, aliased, 8, 8, base_kind=kind, model_kind=kind)
+    assert fast.base_rows.tolist() == fast.model_rows.tolist() == [0, 1, 2, 3, 4, 6, 7]
+    assert fast.to_dict() == slow.to_dict()
+    assert fast.base_rows.tolist() == slow.base_rows.tolist() and fast.model_rows.tolist() == slow.model_rows.tolist()
+
+
 def test_same_family_vocabularies_pair_by_exact_strings_only(make):
     base, ext = open_model(make("llama")), open_model(make("llama", "vocab_extended"))
     vm = vocab_map(base.vocab, ext.vocab, 1024, len(ext.vocab))

@@ -85,6 +85,12 @@ def vocab_map(base: Vocabulary | None, model: Vocabulary | None, base_rows: int,
     km = model_kind or T.detect(model)
     tb = {t: i for t, i in base.tokens.items() if 0 <= i < base_rows}
     tm = {t: i for t, i in model.tokens.items() if 0 <= i < model_rows}
+    if kb.kind == km.kind and base_rows == model_rows and tb == tm:
+        # one vocabulary on both sides (the usual fine-tune): both passes pair each id with itself, each id once;
+        # the same answer without the Python loops over every token (0.04 s at 32k tokens, more at 150k+)
+        ids = np.unique(np.fromiter(tb.values(), np.int64, len(tb)))
+        return VocabMap(ids, ids.copy(), "token strings", len(ids), base_rows, model_rows, base_rows - len(ids),
+                        model_rows - len(ids), raw_shared=len(tb), base_tokenizer=kb, model_tokenizer=km)
     special = base.special | model.special
     normalise = kb.known and km.known
 
