@@ -172,12 +172,23 @@ def _broken(doc: dict, path: tuple, value) -> dict:
     (("run", "sample"), 1.5, "run/sample"),
     (("model", "content_id"), KeyError, "model"),
     (("comparisons", 0, "tensors", 0, "pearson", "null_method"), KeyError, "comparisons/0/tensors/0/pearson"),
+    # three definitions deep (tensor -> statistic -> ci -> number_or_null): the references the validator inlines
+    (("comparisons", 1, "tensors", 0, "pearson", "ci"), ["low", 0.5], "comparisons/1/tensors/0/pearson/ci/0"),
     (("tool", "name"), "other-tool", "tool/name"),
 ])
 def test_schema_refuses_broken_compare_reports(compare_doc, path, value, where):
     with pytest.raises(schemas.SchemaError) as info:
         schemas.validate(_broken(compare_doc, path, value))
     assert info.value.path == where
+
+
+def test_validation_inlines_every_local_reference():
+    # what the validator checks against: the published schema with its $defs written in place, nothing left to
+    # look up per item; a definition inlined keeps its sibling keywords (both must hold)
+    assert '"$ref"' not in json.dumps(schemas._validator("compare").schema)
+    node = {"$ref": "#/$defs/n", "description": "d"}
+    assert schemas._inline_refs(node, {"n": {"type": "number"}}) == {"description": "d", "allOf": [{"type": "number"}]}
+    assert schemas._inline_refs({"$ref": "other.json"}, {}) == {"$ref": "other.json"}
 
 
 def test_unknown_schema_version_is_refused(compare_doc):
