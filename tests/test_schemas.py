@@ -185,7 +185,10 @@ def test_schema_refuses_broken_compare_reports(compare_doc, path, value, where):
 def test_validation_inlines_every_local_reference():
     # what the validator checks against: the published schema with its $defs written in place, nothing left to
     # look up per item; a definition inlined keeps its sibling keywords (both must hold)
-    assert '"$ref"' not in json.dumps(schemas._validator("compare").schema)
+    for name in schemas.NAMES:
+        inlined = schemas._validator(name).schema
+        assert '"$ref"' not in json.dumps(inlined)
+        Draft202012Validator.check_schema(inlined)
     node = {"$ref": "#/$defs/n", "description": "d"}
     assert schemas._inline_refs(node, {"n": {"type": "number"}}) == {"description": "d", "allOf": [{"type": "number"}]}
     assert schemas._inline_refs({"$ref": "other.json"}, {}) == {"$ref": "other.json"}
