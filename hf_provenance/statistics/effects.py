@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from hf_provenance.measurement.accumulate import SCALARS
+from hf_provenance.statistics.tdist import t_quantile
 
 _I = {name: i for i, name in enumerate(SCALARS)}
 TINY = 1e-30
@@ -197,7 +198,7 @@ def jackknife_ci(theta_full: float, theta_loo, strata, stratum_sizes, *, fisher_
     f_h = n_h / np.maximum(np.asarray(stratum_sizes, np.float64)[:n_h.size], n_h)
     v = float(np.sum(np.where(used, (1 - f_h) * (n_h - 1) / np.maximum(n_h, 1) * ss_h, 0.0)))
     df = int(np.sum(np.where(used, n_h - 1, 0)))
-    q = _t_quantile(df, 0.5 + level / 2)  # Student t with the jackknife's degrees of freedom (blocks minus strata)
+    q = t_quantile(df, 0.5 + level / 2)  # Student t with the jackknife's degrees of freedom (blocks minus strata)
     half = q * math.sqrt(max(v, 0.0))
     lo, hi = full - half, full + half
     if not math.isfinite(half):
@@ -207,10 +208,3 @@ def jackknife_ci(theta_full: float, theta_loo, strata, stratum_sizes, *, fisher_
     return lo, hi
 
 
-@functools.lru_cache(maxsize=256)
-def _t_quantile(df: int, q: float) -> float:
-    if df <= 0:
-        return float("inf")
-    from scipy.special import stdtrit  # Student t quantile; scipy.stats would add ~0.5 s of import
-
-    return float(stdtrit(df, q))
