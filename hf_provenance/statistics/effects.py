@@ -169,8 +169,10 @@ _PERM_CHUNK_VALUES = 1 << 18
 def _permutations(n: int, n_perm: int, seed: int) -> torch.Tensor:
     """K seeded uniform permutations of range(n) as an int32 (K, n) tensor, shared by every vector of length n in a
     run (each test is still exact: its K permutations are uniform and independent of the data); never written."""
-    idx = np.random.default_rng(seed).permuted(np.broadcast_to(np.arange(n, dtype=np.int32), (n_perm, n)), axis=1)
-    return torch.from_numpy(np.ascontiguousarray(idx))  # permuted() returns it column-major
+    # permuted() shuffles a copy laid out as its input: a tiled (row-major) one, not a broadcast view, which gave
+    # the copy column-major (each gather then strode across the whole array)
+    idx = np.random.default_rng(seed).permuted(np.tile(np.arange(n, dtype=np.int32), (n_perm, 1)), axis=1)
+    return torch.from_numpy(idx)
 
 
 def fisher(r):
