@@ -41,6 +41,10 @@ SIZES = {
                   moe_intermediate=768, experts_per_tok=8),
     "moe3b": dict(family="qwen3_moe", hidden=2048, layers=4, intermediate=6144, vocab=32000, experts=128,
                   moe_intermediate=768, experts_per_tok=8),
+    # eight layers (5B parameters, 20 GB for the pair): where a whole sampled process, with its ~1 s of interpreter
+    # and torch import, is also 5x faster than a full one
+    "moe5b": dict(family="qwen3_moe", hidden=2048, layers=8, intermediate=6144, vocab=32000, experts=128,
+                  moe_intermediate=768, experts_per_tok=8),
 }
 
 WORKLOADS = {
