@@ -183,6 +183,35 @@ def test_units_permuted_inside_many_experts_are_recovered_with_a_subset_null(moe
     assert len(calls) == 2 * ((N.NULL_DRAWS + 1) * 2 * 5 + 64)
 
 
+def test_only_the_tested_experts_keep_their_sketches_and_read_gate_and_up(moe, tmp_path_factory, monkeypatch):
+    """A full unit search over 64 experts a layer fits each untested expert as soon as its down sketches are read
+    and drops them; gate/up, agreement sources of the null's test only, are read for the tested experts alone
+    (holding every expert's sketches had taken 2 GB for one Qwen3-30B-A3B-sized layer). The maps are the same
+    as when every expert is tested: the tensors measured after them are equal."""
+    from hf_provenance.alignment import units as U
+
+    folder = str(apply_transform(moe["noisy"], tmp_path_factory.mktemp("pu2") / "pu", "permute_units"))
+    reads = []
+    real = U.sketch_reader
+
+    def counting(src, pair, sketch, *, side):
+        if ".experts." in pair.base_name and ("gate_proj" in pair.base_name or "up_proj" in pair.base_name):
+            reads.append((pair.base_name, side))
+        return real(src, pair, sketch, side=side)
+
+    monkeypatch.setattr(U, "sketch_reader", counting)
+    monkeypatch.setattr(U, "MAX_NULL_GROUPS", 5)
+    few = _run(folder, moe["base"], seed=1)
+    n_few, reads[:] = len(reads), []
+    monkeypatch.setattr(U, "MAX_NULL_GROUPS", 1000)
+    every = _run(folder, moe["base"], seed=1)
+    assert n_few == 2 * 5 * 2 * 2  # layers × tested experts × (gate, up) × sides
+    assert len(reads) == 2 * 64 * 2 * 2
+    assert few["alignment"]["units"]["recovered"] == every["alignment"]["units"]["recovered"] == 2
+    assert few["verdict"] == "derived" and "permuted" in few["relation"]
+    assert [t["pearson"]["value"] for t in few["tensors"]] == [t["pearson"]["value"] for t in every["tensors"]]
+
+
 def test_card_and_html_report_say_which_experts_were_read(moe):
     from hf_provenance.report.card import render_section
     from hf_provenance.report.html import render_html

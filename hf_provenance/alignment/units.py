@@ -467,30 +467,31 @@ def fit_mlp_batch(groups: list[MlpGroup], base, model, sketch: N.ResidualSketch,
     if len(groups) > MAX_NULL_GROUPS:
         tested = set(rng.choice(len(groups), size=MAX_NULL_GROUPS, replace=False).tolist())
     per_group_u = _test_units([groups[i].n_units for i in sorted(tested)], draws, n_sources * sketch.k)
-    prepared = []
+    # only the tested groups' sketches are kept (for the null); every other group is fitted as soon as its down
+    # sketches are read and then dropped, and its gate/up (agreement sources of the test only) are not read: 128
+    # experts' sketches held at once had taken 2 GB for one Qwen3-30B-A3B-sized layer, ~6 GB for DeepSeek-V3's
+    prepared, fits = [], [None] * len(groups)
     for i, g in enumerate(groups):
         a = {"down": sketch_writer(base, g.down, sketch, side="base")}
         b = {"down": sketch_writer(model, g.down, sketch, side="model").T.contiguous()}
+        if i not in tested:
+            fits[i] = assign(N.unit_rows(a["down"]), N.unit_cols(b["down"]).T)
+            continue
         if full:
             for name in ("gate", "up"):
                 pair = getattr(g, name)
                 if pair is not None:
                     a[name] = sketch_reader(base, pair, sketch, side="base")
                     b[name] = sketch_reader(model, pair, sketch, side="model").T.contiguous()
-        if i not in tested:
-            prepared.append((a, b, None, None, None))
-            continue
         n = g.n_units
         u = torch.from_numpy(np.sort(rng.choice(n, size=min(n, per_group_u), replace=False)))
         ah = [N.unit_rows(a["down"][:, h])[u] for h in halves]
         asrc = {name: N.unit_rows(a[name])[u] for name in a if name != "down"}
-        prepared.append((a, b, u, ah, asrc))
+        prepared.append((i, a, b, u, ah, asrc))
 
     def statistics(t):
         held, agree = [], []
-        for a, b, u, ah, asrc in prepared:
-            if u is None:  # fitted below, not part of the test
-                continue
+        for _, a, b, u, ah, asrc in prepared:
             bd = b["down"] if t is None else t.rows(b["down"])
             bh = [N.unit_cols(bd.index_select(0, h)) for h in halves]
             m = [(ah[i] @ bh[i]).argmax(1) for i in range(2)]
@@ -508,15 +509,14 @@ def fit_mlp_batch(groups: list[MlpGroup], base, model, sketch: N.ResidualSketch,
 
     stats = N.simulate(statistics, sketch, draws=draws, seed=seed + 7919 * ((groups[0].layer or 0) + 1))
     held, agree = _split_tests(stats)
-    maps, mutual, lap, same = [], 0, 0, 0
-    for a, b, *_ in prepared:
-        fit = assign(N.unit_rows(a["down"]), N.unit_cols(b["down"]).T)
-        maps.append(fit.perm)
-        mutual += fit.mutual_best
-        lap = max(lap, fit.lap_size)
-        same += int((fit.perm == np.arange(len(fit.perm))).sum())
+    for i, a, b, *_ in prepared:
+        fits[i] = assign(N.unit_rows(a["down"]), N.unit_cols(b["down"]).T)
+    maps = [fit.perm for fit in fits]
+    mutual = sum(fit.mutual_best for fit in fits)
+    lap = max(fit.lap_size for fit in fits)
+    same = sum(int((fit.perm == np.arange(len(fit.perm))).sum()) for fit in fits)
     total = sum(len(m) for m in maps)
-    sources = ("down",) + tuple(n for n in ("gate", "up") if n in prepared[0][0])
+    sources = ("down",) + tuple(n for n in ("gate", "up") if n in prepared[0][1])
     return BatchFit(groups[0].kind, groups[0].layer, tuple(g.label for g in groups), tuple(maps),
                     tuple(None for _ in maps), groups[0].n_units, same / max(1, total), mutual, lap, held, agree,
                     _decide(held), sources)
