@@ -173,14 +173,16 @@ def test_units_permuted_inside_many_experts_are_recovered_with_a_subset_null(moe
         c = _run(folder, moe["base"], sample=sample, seed=1)
         assert c["verdict"] == "derived" and "permuted" in c["relation"], c["reasons"]
         assert c["alignment"]["units"]["recovered"] == c["alignment"]["units"]["batches"] == 2
-    calls = []
-    real = N.unit_cols
-    monkeypatch.setattr(N, "unit_cols", lambda x: calls.append(1) or real(x))
+    scored, fitted = [], []
+    real_scores, real_cols = U._half_scores, N.unit_cols
+    monkeypatch.setattr(U, "_half_scores", lambda *a: scored.append(1) or real_scores(*a))
+    monkeypatch.setattr(N, "unit_cols", lambda x: fitted.append(1) or real_cols(x))
     monkeypatch.setattr(U, "MAX_NULL_GROUPS", 5)
     c = _run(folder, moe["base"], sample=0.1, seed=1)
     assert c["alignment"]["units"]["recovered"] == 2
-    # per batch: (K + 1) evaluations × 2 halves × 5 tested experts, then one fit per expert (64)
-    assert len(calls) == 2 * ((N.NULL_DRAWS + 1) * 2 * 5 + 64)
+    # per batch: (K + 1) evaluations × 2 halves × 5 tested experts, and one fit per expert (64)
+    assert len(scored) == 2 * (N.NULL_DRAWS + 1) * 2 * 5
+    assert len(fitted) == 2 * 64
 
 
 def test_only_the_tested_experts_keep_their_sketches_and_read_gate_and_up(moe, tmp_path_factory, monkeypatch):

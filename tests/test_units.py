@@ -386,3 +386,25 @@ def test_coupled_independent_models_stay_independent_where_chance_would_not(make
     tensors, _ = measure(forced, base, model)
     inflated = [t for t in tensors if t.evidence and ("gate_proj" in t.name or "up_proj" in t.name)]
     assert np.mean([t.pearson.value for t in inflated]) > 0.05
+
+
+def test_null_draws_move_a_test_units_not_b():
+    # a draw t signs and permutes B's buckets; the unit search scores A's test units against unit_cols(t(B)) on
+    # each half of the buckets, and the agreement sources against unit_cols(t(B)) on all of them. Both are
+    # computed without transforming B: from B centred once (half scores) or normalised once (moved A)
+    from hf_provenance.alignment import units as U
+
+    g = torch.Generator().manual_seed(3)
+    k, n, u = 64, 50, 7
+    b = torch.randn(k, n, generator=g) + 0.5  # an offset per unit, as real sketches have
+    t = N.SignedPermutation(torch.randperm(k, generator=g), torch.randint(0, 2, (k,), generator=g).float() * 2 - 1)
+    for h in (torch.randperm(k, generator=g)[: k // 2].sort().values, torch.arange(k // 2, k)):
+        ah = torch.randn(u, k // 2, generator=g)
+        expected = ah @ N.unit_cols(t.rows(b).index_select(0, h))
+        got = U._half_scores(t, ah, b - b.mean(1, keepdim=True), h)
+        assert torch.allclose(got, expected, atol=1e-5)
+    av = torch.randn(u, k, generator=g)
+    assert torch.allclose(U._moved(t, av) @ N.unit_cols(b), av @ N.unit_cols(t.rows(b)), atol=1e-5)
+    # the identity draw leaves A as it is
+    same = N.SignedPermutation(torch.arange(k), torch.ones(k))
+    assert torch.equal(U._moved(same, av), av)

@@ -451,6 +451,19 @@ def _test_units(n_units: list[int], draws: int, sources_k: int) -> int:
     return max(8, total // len(n_units))
 
 
+def _half_scores(t: N.SignedPermutation, ah_i: torch.Tensor, bc: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+    """A's test units against every unit of B' = t(B) on the buckets of half h, ``ah_i @ unit_cols(B'[h])``, from
+    B's bucket-centred sketch ``bc`` [k, n]: a gather of the half's rows and their norms, no transformed copy."""
+    g = bc.index_select(0, t.perm.index_select(0, h))
+    return (ah_i * t.sign.index_select(0, h)) @ g / torch.linalg.vector_norm(g, dim=0).clamp_min(N.EPS)
+
+
+def _moved(t: N.SignedPermutation, av: torch.Tensor) -> torch.Tensor:
+    """av [u, k] moved by t⁻¹: ``_moved(t, av) @ unit_cols(B) == av @ unit_cols(t(B))`` (t permutes and signs B's
+    buckets, which leaves each unit's norm over all buckets unchanged)."""
+    return torch.zeros_like(av).index_copy_(1, t.perm, av * t.sign)
+
+
 def fit_mlp_batch(groups: list[MlpGroup], base, model, sketch: N.ResidualSketch, *, full: bool, seed: int,
                   draws: int) -> BatchFit:
     """Fit the unit maps of one batch (groups sharing one null: a layer's dense MLP, shared or routed experts).
@@ -487,20 +500,29 @@ def fit_mlp_batch(groups: list[MlpGroup], base, model, sketch: N.ResidualSketch,
         u = torch.from_numpy(np.sort(rng.choice(n, size=min(n, per_group_u), replace=False)))
         ah = [N.unit_rows(a["down"][:, h])[u] for h in halves]
         asrc = {name: N.unit_rows(a[name])[u] for name in a if name != "down"}
-        prepared.append((i, a, b, u, ah, asrc))
+        # B as every draw needs it, prepared once. A draw is a signed permutation of B's buckets (rows): centring
+        # each bucket over the units commutes with it, and a unit's norm over all buckets is unchanged by it; so
+        # the down sketch is centred once (each draw only gathers a half's rows and takes their norms), the
+        # agreement sources are normalised once, and the draw moves A's few test units instead of B's k × n
+        # sketch (the same statistics, to 1e-6: 9.4 -> 6.7 s for the unit search of two 5632-wide layers)
+        bc = b["down"].float() - b["down"].float().mean(1, keepdim=True)
+        bn = {name: N.unit_cols(b.pop(name)) for name in asrc}
+        prepared.append((i, a, b, u, ah, asrc, bc, bn))
+
+    unmoved = N.SignedPermutation(torch.arange(sketch.k), torch.ones(sketch.k))
 
     def statistics(t):
+        t = unmoved if t is None else t
         held, agree = [], []
-        for _, a, b, u, ah, asrc in prepared:
-            bd = b["down"] if t is None else t.rows(b["down"])
-            bh = [N.unit_cols(bd.index_select(0, h)) for h in halves]
-            m = [(ah[i] @ bh[i]).argmax(1) for i in range(2)]
-            held.append(0.5 * (float((ah[1] * bh[1].index_select(1, m[0]).T).sum(1).mean()) +
-                               float((ah[0] * bh[0].index_select(1, m[1]).T).sum(1).mean())))
+        for _, a, b, u, ah, asrc, bc, bn in prepared:
+            scores = [_half_scores(t, ah[i], bc, h) for i, h in enumerate(halves)]
+            m = [sc.argmax(1) for sc in scores]
+            # each half's best matches, scored on the other half
+            held.append(0.5 * (float(scores[1].gather(1, m[0].unsqueeze(1)).mean()) +
+                               float(scores[0].gather(1, m[1].unsqueeze(1)).mean())))
             maps = {"down/1": m[0], "down/2": m[1]}
             for name, av in asrc.items():
-                bx = b[name] if t is None else t.rows(b[name])
-                maps[name] = (av @ N.unit_cols(bx)).argmax(1)
+                maps[name] = (_moved(t, av) @ bn[name]).argmax(1)
             agree.append(_agreement_stats(maps))
         out = {"heldout": float(np.mean(held))}
         for key in agree[0]:
@@ -563,7 +585,7 @@ def fit_heads(g: HeadGroup, base, model, sketch: N.ResidualSketch, *, full: bool
         s = [sim(ah[i], bh[i]) for i in range(2)]
         m = [match(x) for x in s]
         rows = torch.arange(nh)
-        held = 0.5 * (float(sim(ah[1], bh[1])[rows, m[0]].mean()) + float(sim(ah[0], bh[0])[rows, m[1]].mean()))
+        held = 0.5 * (float(s[1][rows, m[0]].mean()) + float(s[0][rows, m[1]].mean()))
         maps = {"o/1": m[0], "o/2": m[1]}
         for name, av in asrc.items():
             maps[name] = match(sim(av, sig(b[name] if t is None else t.axis(b[name], 0))))
