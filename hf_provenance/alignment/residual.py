@@ -127,21 +127,22 @@ def fit_residual(emb: PairSpec, base, model, *, signs: bool, seed: int = 0,
     if sign is not None:
         same &= sign > 0
     ident = float(same.mean())
-    r_map = _heldout(emb, test_pos, base, model, perm, sign)
-    r_id = _heldout(emb, test_pos, base, model, None, None)
+    r_map, r_id = _heldout(emb, test_pos, base, model, perm, sign)
     return ResidualFit(perm, sign, ident, r_map, r_id, m, len(test_pos), int(len(mutual)),
                        int((sign < 0).sum()) if sign is not None else 0)
 
 
-def _heldout(emb, positions, base, model, perm, sign) -> float | None:
-    acc = PairAccumulator(n_cols=emb.n_cols, keep_blocks=False, sketch=False)
+def _heldout(emb, positions, base, model, perm, sign) -> tuple[float | None, float | None]:
+    """Held-out Pearson of the embedding columns with the map applied, and without it: one read of the rows."""
+    mapped, as_is = (PairAccumulator(n_cols=emb.n_cols, keep_blocks=False, sketch=False) for _ in range(2))
+    cols = torch.from_numpy(perm)
+    flip = None if sign is None else torch.from_numpy(sign.astype(np.float32))
     for a, b in _rows(emb, positions, base, model):
-        if perm is not None:
-            b = b[:, torch.from_numpy(perm)]
-        if sign is not None:
-            b = b * torch.from_numpy(sign.astype(np.float32))
-        acc.update(a, b)
-    return fx.ratio(*fx.centred_parts(acc.totals, acc.col_a.numpy(), acc.col_b.numpy(), emb.n_cols))
+        as_is.update(a, b)
+        b = b[:, cols]
+        mapped.update(a, b if flip is None else b * flip)
+    return tuple(fx.ratio(*fx.centred_parts(acc.totals, acc.col_a.numpy(), acc.col_b.numpy(), emb.n_cols))
+                 for acc in (mapped, as_is))
 
 
 def apply_residual(plan: AlignmentPlan, fit: ResidualFit, hidden: int) -> tuple[AlignmentPlan, int]:
