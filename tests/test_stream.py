@@ -253,3 +253,17 @@ def test_row_maps_are_announced_as_coalesced_runs():
     idx = np.array([5, 6, 7, 0, 1, 9, 3])
     assert _row_spans("t", idx, 0, 7) == [("t", 0, 2), ("t", 3, 4), ("t", 5, 8), ("t", 9, 10)]
     assert _row_spans("t", None, 2, 9) == [("t", 2, 9)]
+
+
+def test_a_blas_limit_that_fails_leaves_the_measurement_running(monkeypatch):
+    # threadpoolctl is a speed hint: a BLAS it cannot handle (or a broken install) must not stop a comparison
+    import threadpoolctl
+
+    def broken(**kw):
+        raise RuntimeError("unsupported BLAS")
+
+    monkeypatch.setattr(threadpoolctl, "threadpool_limits", broken)
+    before = torch.get_num_threads()
+    with stream._intra_op_threads(1):
+        assert torch.get_num_threads() == 1
+    assert torch.get_num_threads() == before

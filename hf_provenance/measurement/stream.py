@@ -323,9 +323,10 @@ def _blas_limits(n: int):
     """threadpoolctl's limit on the BLAS pools loaded in the process (a no-op context where it is missing)."""
     try:
         from threadpoolctl import threadpool_limits
-    except ImportError:  # pragma: no cover - a declared dependency; only a broken install lacks it
+
+        return threadpool_limits(limits=n, user_api="blas")
+    except Exception:  # noqa: BLE001 - a speed hint: a BLAS threadpoolctl cannot handle must not stop the run
         return nullcontext()
-    return threadpool_limits(limits=n, user_api="blas")
 
 
 TRIM_CHECK_BYTES = 64 * 1024 * 1024  # stored bytes measured between looks at the resident set
