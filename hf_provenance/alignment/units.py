@@ -480,16 +480,17 @@ def fit_mlp_batch(groups: list[MlpGroup], base, model, sketch: N.ResidualSketch,
     if len(groups) > MAX_NULL_GROUPS:
         tested = set(rng.choice(len(groups), size=MAX_NULL_GROUPS, replace=False).tolist())
     per_group_u = _test_units([groups[i].n_units for i in sorted(tested)], draws, n_sources * sketch.k)
-    # only the tested groups' sketches are kept (for the null); every other group is fitted as soon as its down
-    # sketches are read and then dropped, and its gate/up (agreement sources of the test only) are not read: 128
-    # experts' sketches held at once had taken 2 GB for one Qwen3-30B-A3B-sized layer, ~6 GB for DeepSeek-V3's
-    prepared, fits = [], [None] * len(groups)
+    # every group is fitted as soon as its down sketches are read; only the tested groups keep sketches (for the
+    # null) and have gate/up read (agreement sources of the test only): 128 experts' sketches held at once had
+    # taken 2 GB for one Qwen3-30B-A3B-sized layer, ~6 GB for DeepSeek-V3's
+    prepared, fits = [], []
     for i, g in enumerate(groups):
-        a = {"down": sketch_writer(base, g.down, sketch, side="base")}
-        b = {"down": sketch_writer(model, g.down, sketch, side="model").T.contiguous()}
+        a_down = sketch_writer(base, g.down, sketch, side="base")
+        b_down = sketch_writer(model, g.down, sketch, side="model").T.contiguous()
+        fits.append(assign(N.unit_rows(a_down), N.unit_cols(b_down).T))
         if i not in tested:
-            fits[i] = assign(N.unit_rows(a["down"]), N.unit_cols(b["down"]).T)
             continue
+        a, b = {}, {}
         if full:
             for name in ("gate", "up"):
                 pair = getattr(g, name)
@@ -498,23 +499,23 @@ def fit_mlp_batch(groups: list[MlpGroup], base, model, sketch: N.ResidualSketch,
                     b[name] = sketch_reader(model, pair, sketch, side="model").T.contiguous()
         n = g.n_units
         u = torch.from_numpy(np.sort(rng.choice(n, size=min(n, per_group_u), replace=False)))
-        ah = [N.unit_rows(a["down"][:, h])[u] for h in halves]
-        asrc = {name: N.unit_rows(a[name])[u] for name in a if name != "down"}
+        ah = [N.unit_rows(a_down[:, h])[u] for h in halves]
+        asrc = {name: N.unit_rows(a[name])[u] for name in a}
         # B as every draw needs it, prepared once. A draw is a signed permutation of B's buckets (rows): centring
         # each bucket over the units commutes with it, and a unit's norm over all buckets is unchanged by it; so
         # the down sketch is centred once (each draw only gathers a half's rows and takes their norms), the
         # agreement sources are normalised once, and the draw moves A's few test units instead of B's k × n
         # sketch (the same statistics, to 1e-6; the unit search of two 5632-wide layers 9.4 -> 6.4-6.9 s)
-        bc = b["down"].float() - b["down"].float().mean(1, keepdim=True)
-        bn = {name: N.unit_cols(b.pop(name)) for name in asrc}
-        prepared.append((i, a, b, u, ah, asrc, bc, bn))
+        bc = b_down.float() - b_down.float().mean(1, keepdim=True)
+        bn = {name: N.unit_cols(b[name]) for name in asrc}
+        prepared.append((ah, asrc, bc, bn))
 
     unmoved = N.SignedPermutation(torch.arange(sketch.k), torch.ones(sketch.k))
 
     def statistics(t):
         t = unmoved if t is None else t
         held, agree = [], []
-        for _, a, b, u, ah, asrc, bc, bn in prepared:
+        for ah, asrc, bc, bn in prepared:
             scores = [_half_scores(t, ah[i], bc, h) for i, h in enumerate(halves)]
             m = [sc.argmax(1) for sc in scores]
             # each half's best matches, scored on the other half
@@ -531,14 +532,12 @@ def fit_mlp_batch(groups: list[MlpGroup], base, model, sketch: N.ResidualSketch,
 
     stats = N.simulate(statistics, sketch, draws=draws, seed=seed + 7919 * ((groups[0].layer or 0) + 1))
     held, agree = _split_tests(stats)
-    for i, a, b, *_ in prepared:
-        fits[i] = assign(N.unit_rows(a["down"]), N.unit_cols(b["down"]).T)
     maps = [fit.perm for fit in fits]
     mutual = sum(fit.mutual_best for fit in fits)
     lap = max(fit.lap_size for fit in fits)
     same = sum(int((fit.perm == np.arange(len(fit.perm))).sum()) for fit in fits)
     total = sum(len(m) for m in maps)
-    sources = ("down",) + tuple(n for n in ("gate", "up") if n in prepared[0][1])
+    sources = ("down",) + tuple(n for n in ("gate", "up") if n in prepared[0][1])  # asrc: the sources read
     return BatchFit(groups[0].kind, groups[0].layer, tuple(g.label for g in groups), tuple(maps),
                     tuple(None for _ in maps), groups[0].n_units, same / max(1, total), mutual, lap, held, agree,
                     _decide(held), sources)

@@ -320,7 +320,7 @@ def _intra_op_threads(n: int | None):
 
 
 def _blas_limits(n: int):
-    """threadpoolctl's limit on the BLAS pools loaded in the process (a no-op context where it is missing)."""
+    """threadpoolctl's limit on the BLAS pools loaded in the process (a no-op context where it cannot apply one)."""
     try:
         from threadpoolctl import threadpool_limits
 

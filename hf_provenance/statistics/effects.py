@@ -208,5 +208,3 @@ def jackknife_ci(theta_full: float, theta_loo, strata, stratum_sizes, *, fisher_
     if fisher_scale:
         return math.tanh(lo), math.tanh(hi)
     return lo, hi
-
-
