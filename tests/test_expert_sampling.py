@@ -214,6 +214,47 @@ def test_only_the_tested_experts_keep_their_sketches_and_read_gate_and_up(moe, t
     assert [t["pearson"]["value"] for t in few["tensors"]] == [t["pearson"]["value"] for t in every["tensors"]]
 
 
+def test_an_independent_moe_layer_fits_only_its_tested_experts(moe, monkeypatch):
+    """Independent models: the unit test of each layer (on its tested experts) recovers nothing, so the other
+    experts' maps, which would not be applied, are neither fitted nor read. The test's statistics and the tested
+    experts' maps are the same as when every expert is fitted; a recovered batch is still fitted whole (above)."""
+    from hf_provenance.alignment import nulls as N
+    from hf_provenance.alignment import units as U
+    from hf_provenance.alignment.identity import identity_plan
+    from hf_provenance.sources import open_model
+
+    monkeypatch.setattr(U, "MAX_NULL_GROUPS", 5)
+    downs = []
+    real = U.sketch_writer
+
+    def counting(src, pair, sketch, *, side):
+        downs.append((pair.base_name, side))
+        return real(src, pair, sketch, side=side)
+
+    monkeypatch.setattr(U, "sketch_writer", counting)
+    c = _run(moe["independent"], moe["base"], seed=1)
+    assert c["verdict"] == "independent"
+    units = c["alignment"]["units"]
+    assert units["recovered"] == 0 and units["batches"] == 2
+    assert [b["groups_fitted"] for b in units["layers"]] == [5, 5]
+    assert len([d for d in downs if ".experts." in d[0]]) == 2 * 5 * 2  # layers × tested experts × sides
+
+    base, model = open_model(moe["base"]), open_model(moe["independent"])
+    plan, _ = identity_plan(base, model)
+    mkeys = U.model_keys(model)
+    groups = [g for g in U.mlp_groups(plan, mkeys, None) if g.kind == "expert" and g.layer == 0]
+    sketch = N.ResidualSketch.build(128, N.residual_dims(128, None, 1), k=N.SKETCH_K, seed=1)
+    first = U.fit_mlp_batch(groups, base, model, sketch, full=True, seed=1, draws=19)
+    every = U.fit_mlp_batch(groups, base, model, sketch, full=True, seed=1, draws=19, fit_all=True)
+    assert not first.recovered and not every.recovered
+    assert first.fitted == 5 and every.fitted == 64
+    assert first.heldout.to_dict() == every.heldout.to_dict()
+    assert {k: v.to_dict() for k, v in first.agreement.items()} == {k: v.to_dict() for k, v in every.agreement.items()}
+    tested = [i for i, m in enumerate(first.maps) if m is not None]
+    assert len(tested) == 5 and all(np.array_equal(first.maps[i], every.maps[i]) for i in tested)
+    assert all(m is not None for m in every.maps)
+
+
 def test_card_and_html_report_say_which_experts_were_read(moe):
     from hf_provenance.report.card import render_section
     from hf_provenance.report.html import render_html

@@ -32,7 +32,9 @@ the plan's residual map (row map and signs of down/o, column map and signs of ga
 without sampling), sketching O(h·n), matching O(n²·k) flops (mutual-best rounds, float32 blocks of 1024 rows) plus
 one linear assignment on at most LAP_MAX unresolved units (O(LAP_MAX³) worst case), the null O(K·u·n·k) with
 K = 99 draws and u test units (64 to 512, fewer for wide layers: K·u·n·k·sources ≤ NULL_FLOPS). Memory
-O(n·k + 1024·n + LAP_MAX²). Measured (benchmarks/matching.py, 2 shared CPU cores): n = 18944, h = 3584: the map
+O(n·k + 1024·n + LAP_MAX²). A batch of many groups (a layer's routed experts) is tested on at most MAX_NULL_GROUPS
+of them first; the others are read and fitted only when that test recovers a correspondence, so an independent
+MoE layer reads the down (and gate/up) of 16 experts a side, not 128. Measured (benchmarks/matching.py, 2 shared CPU cores): n = 18944, h = 3584: the map
 2.7-4.2 s, the whole fit with its null 19-24 s, peak about 0.75 GiB above the process's start.
 """
 
@@ -398,7 +400,7 @@ class BatchFit:
     kind: str                  # dense | shared | expert | heads
     layer: int | None
     labels: tuple[str, ...]
-    maps: tuple[np.ndarray, ...]        # per group: base unit/head i -> model unit/head
+    maps: tuple[np.ndarray | None, ...]  # per group: base unit/head i -> model unit/head (None: not fitted)
     group_maps: tuple[np.ndarray | None, ...]   # heads: KV-group map
     n_units: int
     identity_share: float
@@ -408,6 +410,7 @@ class BatchFit:
     agreement: dict
     recovered: bool
     sources: tuple[str, ...]
+    fitted: int = 1            # groups whose map was fitted (a batch that is not recovered: its tested groups)
 
     @property
     def is_identity(self) -> bool:
@@ -416,7 +419,7 @@ class BatchFit:
     def to_dict(self) -> dict:
         return {"layer": self.layer, "kind": self.kind, "groups": len(self.maps), "units": self.n_units,
                 "recovered": self.recovered, "identity_share": _clean(self.identity_share),
-                "mutual_best": self.mutual_best, "assignment_size": self.lap_size,
+                "groups_fitted": self.fitted, "mutual_best": self.mutual_best, "assignment_size": self.lap_size,
                 "heldout_r": self.heldout.to_dict(),
                 "agreement": {k: v.to_dict() for k, v in self.agreement.items()},
                 "fit_sources": list(self.sources)}
@@ -465,10 +468,12 @@ def _moved(t: N.SignedPermutation, av: torch.Tensor) -> torch.Tensor:
 
 
 def fit_mlp_batch(groups: list[MlpGroup], base, model, sketch: N.ResidualSketch, *, full: bool, seed: int,
-                  draws: int) -> BatchFit:
+                  draws: int, fit_all: bool = False) -> BatchFit:
     """Fit the unit maps of one batch (groups sharing one null: a layer's dense MLP, shared or routed experts).
 
     B's sketches are kept bucket-major ([k, n]) so a null draw is a row gather; A's test units are prepared once.
+    The batch is tested first, on its tested groups; the other groups' maps are fitted only when the test recovers
+    a correspondence (or ``fit_all``): a map that is not applied needs no fit, and no read.
     """
     halves = [torch.from_numpy(h) for h in sketch.halves]
     n_sources = 1 + (2 if full else 0)
@@ -476,20 +481,25 @@ def fit_mlp_batch(groups: list[MlpGroup], base, model, sketch: N.ResidualSketch,
     # the null is simulated on at most MAX_NULL_GROUPS groups (a random subset of a layer's experts): every draw
     # scores each tested group's test units against all of its units, which for 128 experts of 768 units had cost
     # 42 s per layer; the statistic and its null stay the same function of the same groups, so the test is valid
-    tested = set(range(len(groups)))
+    tested = list(range(len(groups)))
     if len(groups) > MAX_NULL_GROUPS:
-        tested = set(rng.choice(len(groups), size=MAX_NULL_GROUPS, replace=False).tolist())
-    per_group_u = _test_units([groups[i].n_units for i in sorted(tested)], draws, n_sources * sketch.k)
-    # every group is fitted as soon as its down sketches are read; only the tested groups keep sketches (for the
-    # null) and have gate/up read (agreement sources of the test only): 128 experts' sketches held at once had
-    # taken 2 GB for one Qwen3-30B-A3B-sized layer, ~6 GB for DeepSeek-V3's
-    prepared, fits = [], []
-    for i, g in enumerate(groups):
-        a_down = sketch_writer(base, g.down, sketch, side="base")
-        b_down = sketch_writer(model, g.down, sketch, side="model").T.contiguous()
-        fits.append(assign(N.unit_rows(a_down), N.unit_cols(b_down).T))
-        if i not in tested:
-            continue
+        tested = sorted(rng.choice(len(groups), size=MAX_NULL_GROUPS, replace=False).tolist())
+    per_group_u = _test_units([groups[i].n_units for i in tested], draws, n_sources * sketch.k)
+    fits: dict[int, Assignment] = {}
+
+    def fit(i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Read group i's down sketches and fit its map; the sketches (A [n, k], B bucket-major [k, n])."""
+        a_down = sketch_writer(base, groups[i].down, sketch, side="base")
+        b_down = sketch_writer(model, groups[i].down, sketch, side="model").T.contiguous()
+        fits[i] = assign(N.unit_rows(a_down), N.unit_cols(b_down).T)
+        return a_down, b_down
+
+    # only the tested groups keep sketches (for the null) and have gate/up read (agreement sources of the test
+    # only): 128 experts' sketches held at once had taken 2 GB for one Qwen3-30B-A3B-sized layer
+    prepared = []
+    for i in tested:
+        g = groups[i]
+        a_down, b_down = fit(i)
         a, b = {}, {}
         if full:
             for name in ("gate", "up"):
@@ -531,16 +541,22 @@ def fit_mlp_batch(groups: list[MlpGroup], base, model, sketch: N.ResidualSketch,
         return out
 
     stats = N.simulate(statistics, sketch, draws=draws, seed=seed + 7919 * ((groups[0].layer or 0) + 1))
-    held, agree = _split_tests(stats)
-    maps = [fit.perm for fit in fits]
-    mutual = sum(fit.mutual_best for fit in fits)
-    lap = max(fit.lap_size for fit in fits)
-    same = sum(int((fit.perm == np.arange(len(fit.perm))).sum()) for fit in fits)
-    total = sum(len(m) for m in maps)
     sources = ("down",) + tuple(n for n in ("gate", "up") if n in prepared[0][1])  # asrc: the sources read
-    return BatchFit(groups[0].kind, groups[0].layer, tuple(g.label for g in groups), tuple(maps),
-                    tuple(None for _ in maps), groups[0].n_units, same / max(1, total), mutual, lap, held, agree,
-                    _decide(held), sources)
+    prepared.clear()  # the tested groups' sketches are not needed past the test
+    held, agree = _split_tests(stats)
+    recovered = _decide(held)
+    if recovered or fit_all:  # each remaining group is fitted as soon as its down sketches are read
+        for i in range(len(groups)):
+            if i not in fits:
+                fit(i)
+    done = [fits[i] for i in sorted(fits)]
+    maps = tuple(fits[i].perm if i in fits else None for i in range(len(groups)))
+    same = sum(int((f.perm == np.arange(len(f.perm))).sum()) for f in done)
+    total = sum(len(f.perm) for f in done)
+    return BatchFit(groups[0].kind, groups[0].layer, tuple(g.label for g in groups), maps,
+                    tuple(None for _ in maps), groups[0].n_units, same / max(1, total),
+                    sum(f.mutual_best for f in done), max(f.lap_size for f in done), held, agree, recovered, sources,
+                    len(done))
 
 
 def fit_heads(g: HeadGroup, base, model, sketch: N.ResidualSketch, *, full: bool, seed: int,
@@ -704,8 +720,8 @@ def unit_plan(base, model, plan: AlignmentPlan, *, seed: int = 0, sample: float 
         if g.down.n_rows != hidden:
             continue
         batches.setdefault((g.layer, g.kind), []).append(g)
-    unit_fits = [(fit_mlp_batch(gs, base, model, sketch, full=full, seed=seed, draws=draws), gs)
-                 for gs in batches.values()]
+    unit_fits = [(fit_mlp_batch(gs, base, model, sketch, full=full, seed=seed, draws=draws, fit_all=apply_all),
+                  gs) for gs in batches.values()]
     head_fits = [(fit_heads(g, base, model, sketch, full=full, seed=seed, draws=draws), g) for g in heads
                  if g.pairs["attn_output"].n_rows == hidden]
     if not unit_fits and not head_fits or all(f.is_identity for f, _ in unit_fits + head_fits):
