@@ -150,6 +150,32 @@ def test_null_test_p_value_and_z():
     assert t.p == pytest.approx(0.01) and t.exceeds_all and t.z > 100
 
 
+def test_a_null_that_cannot_change_the_decision_is_short_and_a_prefix_of_the_full_one():
+    """Decisions need the observed statistic ≥ r_derived: below it the null only informs the report, so
+    SHORT_DRAWS of the same candidates are drawn; at or above it, every draw (the decision needs them)."""
+    sk = N.ResidualSketch.build(256, np.arange(256), k=32, seed=0)
+    x = torch.randn(32, 8, generator=torch.Generator().manual_seed(0))
+
+    def stats(level, other=0.0):
+        def f(t):
+            y = x if t is None else t.rows(x)
+            if t is None:
+                return {"heldout": level, "other": other}
+            return {"heldout": float(y[:, 0].mean()), "other": float(y[:, 1].mean())}
+        return f
+
+    low = N.simulate(stats(TH.r_derived - 0.01), sk, draws=99, seed=4)
+    high = N.simulate(stats(TH.r_derived), sk, draws=99, seed=4)
+    assert len(low["heldout"].draws) == N.SHORT_DRAWS and len(high["heldout"].draws) == 99
+    assert np.array_equal(low["other"].draws, high["other"].draws[:N.SHORT_DRAWS])
+    assert "candidates only" in low["heldout"].method and "candidates only" not in high["heldout"].method
+    # any decisive statistic at the threshold keeps the whole null; no decisive statistic: always whole
+    both = ("heldout", "other")
+    assert len(N.simulate(stats(0.0, TH.r_derived), sk, draws=99, decisive=both)["other"].draws) == 99
+    assert len(N.simulate(stats(0.0, 0.0), sk, draws=99, decisive=both)["other"].draws) == N.SHORT_DRAWS
+    assert len(N.simulate(stats(0.0), sk, draws=99, decisive=())["heldout"].draws) == 99
+
+
 # --- transforms: function-preserving ---------------------------------------------------------------------------
 
 @pytest.mark.parametrize("family, variant", [
@@ -338,9 +364,12 @@ def _check_independent(base, model, plan, out, *, draws):
     for what in ("units", "heads"):
         for layer in summary[what]["layers"]:
             assert layer["heldout_r"]["z"] < TH.z_derived
+            # below the effect threshold no null can change the decision: the short null, said in its method
+            short = layer["heldout_r"]["value"] < TH.r_derived
+            assert short == ("candidates only" in layer["heldout_r"]["null_method"])
             for name, a in layer["agreement"].items():
                 assert a["p"] >= 0.01, (what, layer["layer"], name, a)
-                assert a["n"] == draws
+                assert a["n"] == (min(draws, N.SHORT_DRAWS) if short else draws)
     tensors, verdict = measure(new, base, model)
     assert not [t.name for t in tensors if clears(t)]
     return summary

@@ -357,7 +357,8 @@ def fit_layer(layer: int, bside: _Side, mside: _Side, base, model, bkeys: dict, 
             out["shared_r"] = float((_offdiag(sa, full) * _offdiag(sbt, full)).sum())
         return out
 
-    stats = N.simulate(statistics, sketch, draws=draws, seed=seed + 15485863 * (layer + 1))
+    stats = N.simulate(statistics, sketch, draws=draws, seed=seed + 15485863 * (layer + 1),
+                       decisive=("heldout", "router_r"))
     sim = (a_full @ _offdiag(gb, full).T).numpy().astype(np.float64)
     mapping = _lap(sim) if sim.shape[0] <= sim.shape[1] else sim.argmax(1)
     best_base = sim.argmax(0)
