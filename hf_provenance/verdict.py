@@ -158,4 +158,18 @@ def decide(tensors: list[TensorResult], components: dict[str, GroupEffect], th: 
     return Verdict("inconclusive", (), "not determined", tuple((reasons + list(nc))[:3]), nc)
 
 
-__all__ = ["Verdict", "decide", "hub_relation", "VERDICTS", "is_evidence"]
+def rotated(prev: Verdict, check, th: Thresholds) -> Verdict:
+    """The verdict when the residual-rotation check (``alignment.rotation``) finds a rotated copy where the ordinary
+    evidence and the permutation searches found nothing: derived, relation ``permuted`` (DESIGN's closed relation
+    list has no ``rotated``; an orthogonal change of basis generalises the signed permutation)."""
+    reasons = (f"residual stream rotated: the row Gram matrices of {check.cleared} of {len(check.tests)} MLP reader "
+               f"tensors agree with the base's (Mantel r̄ = {check.mean_r:.3f}; each clears r ≥ {th.r_derived}, "
+               f"z ≥ {th.z_derived} against relabellings of the model's units)",
+               "an orthogonal change of the residual basis (norms folded first, as QuaRot, SpinQuant and SliceGPT "
+               "do) keeps these Grams and takes every per-tensor statistic along the residual axis to null level",
+               "relation 'permuted': the residual basis was changed by an orthogonal transform, of which a signed "
+               "permutation is the special case")
+    return Verdict("derived", ("permuted",), "direction not determined by weights", reasons, prev.not_compared)
+
+
+__all__ = ["Verdict", "decide", "hub_relation", "rotated", "VERDICTS", "is_evidence"]

@@ -1103,6 +1103,44 @@ def permute_residual_state_dict(sd: dict[str, torch.Tensor], seed: int = 3) -> d
     return out
 
 
+def fold_norms_state_dict(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A Llama-layout state dict with its RMSNorm weights folded into the next matrices' columns and set to 1
+    (function unchanged)."""
+    out = dict(sd)
+    for k, g in sd.items():
+        if not k.endswith("layernorm.weight"):
+            continue
+        prefix = k.rsplit(".", 2)[0]
+        targets = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj") if "input_layernorm" in k else \
+            ("mlp.gate_proj", "mlp.up_proj")
+        for t in targets:
+            name = f"{prefix}.{t}.weight"
+            if name in out:
+                out[name] = out[name] * g.unsqueeze(0)
+        out[k] = torch.ones_like(g)
+    return out
+
+
+def rotate_residual_state_dict(sd: dict[str, torch.Tensor], seed: int = 0) -> dict[str, torch.Tensor]:
+    """A Llama-layout state dict with its norms folded, then its residual stream rotated by a random orthogonal Q
+    (QuaRot / SpinQuant / SliceGPT style; function unchanged): readers W·Q, writers Qᵀ·W."""
+    sd = fold_norms_state_dict(sd)
+    g_final = sd["model.norm.weight"]
+    sd["lm_head.weight"] = sd["lm_head.weight"] * g_final.unsqueeze(0)
+    sd["model.norm.weight"] = torch.ones_like(g_final)
+    h = sd["model.embed_tokens.weight"].shape[1]
+    q, _ = torch.linalg.qr(torch.randn(h, h, generator=torch.Generator().manual_seed(seed)))
+    reads = ("embed", "q_proj", "k_proj", "v_proj", "gate_proj", "up_proj", "lm_head")
+    out = {}
+    for k, v in sd.items():
+        if v.ndim == 2 and v.shape[1] == h and any(x in k for x in reads):
+            v = (v.float() @ q).to(v.dtype)
+        elif v.ndim == 2 and v.shape[0] == h and ("o_proj" in k or "down_proj" in k):
+            v = (q.T @ v.float()).to(v.dtype)
+        out[k] = v.contiguous()
+    return out
+
+
 def couple_units_state_dict(sd: dict[str, torch.Tensor], seed: int = 1) -> dict[str, torch.Tensor]:
     """A Llama-layout state dict with strong within-unit MLP coupling, as some trained models have: up = c·gate +
     small noise per unit, down columns leaning on gate rows, and a shared rank-one output direction in down.

@@ -1,0 +1,116 @@
+"""Residual-stream rotations at a real width: truth by construction.
+
+A random orthogonal change of the residual basis (norms folded first) keeps the function; at hidden 1024 it leaves
+every per-tensor statistic along the residual axis below the derivation threshold, so before the row-Gram test such a
+copy was called ``independent``. Two seeds of the same architecture are independent.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from hf_provenance.alignment.identity import identity_plan
+from hf_provenance.alignment.rotation import MIN_CLEARED, READERS, ROWS, rotation_check
+from hf_provenance.compare import compare
+from hf_provenance.factory.build import build_random
+from hf_provenance.factory.transforms import apply_transform, rotate_residual_state_dict
+from hf_provenance.schemas import validate
+from hf_provenance.sources import open_model
+from hf_provenance.statistics.thresholds import load as load_thresholds
+
+TH = load_thresholds()
+SIZES = dict(hidden=1024, layers=2, intermediate=2048, vocab=1024)
+
+
+def _rewrite(src, dst, fn):
+    import shutil
+
+    shutil.copytree(src, dst, ignore=shutil.ignore_patterns("*.safetensors", "*.index.json"))
+    sd = {}
+    for f in sorted(src.glob("*.safetensors")):
+        sd.update(load_file(str(f)))
+    save_file({k: v.contiguous() for k, v in fn(sd).items()}, str(dst / "model.safetensors"))
+    return dst
+
+
+@pytest.fixture(scope="module")
+def wide(tmp_path_factory):
+    root = tmp_path_factory.mktemp("rotation")
+    base = build_random("llama", root / "base", seed=0, **SIZES)
+    build_random("llama", root / "independent", seed=1, **SIZES)
+    _rewrite(base, root / "rotated", rotate_residual_state_dict)
+    apply_transform(root / "rotated", root / "rotated-noisy", "noise", scale=0.5)
+    return {name: str(root / name) for name in ("base", "independent", "rotated", "rotated-noisy")}
+
+
+def _run(model, base, **kw):
+    return compare(model, [base], **kw).to_dict()
+
+
+def test_rotated_copy_function_is_the_base_s(wide):
+    """The construction keeps the function: same logits (float32 forward on both)."""
+    from transformers import AutoModelForCausalLM
+
+    ids = torch.arange(12).reshape(1, -1)
+    out = [AutoModelForCausalLM.from_pretrained(wide[n], dtype=torch.float32)(ids).logits for n in ("base", "rotated")]
+    assert torch.allclose(out[0], out[1], atol=2e-2, rtol=2e-2)
+
+
+@pytest.mark.parametrize("which, sample", [("rotated", None), ("rotated", 0.1), ("rotated-noisy", None)])
+def test_rotated_copy_is_derived_by_the_row_gram_test(wide, which, sample):
+    doc = _run(wide[which], wide["base"], sample=sample, seed=1)
+    validate(doc)
+    c = doc["comparisons"][0]
+    assert c["verdict"] == "derived" and c["relation"] == ["permuted"], c["reasons"]
+    assert c["reasons"][0].startswith("residual stream rotated")
+    # what the ordinary evidence saw: nothing above the derivation threshold in any component
+    assert all(abs(g["pearson"]["value"]) < TH.r_derived for g in c["components"].values()
+               if g["pearson"]["value"] is not None)
+    rot = c["alignment"]["rotation"]
+    assert rot["rotated"] and rot["cleared"] == rot["tested"] == 4  # gate and up of both layers
+    for t in rot["tensors"]:
+        assert t["cleared"] and t["gram_r"]["value"] >= (0.999 if which == "rotated" else 0.3)
+        assert t["gram_r"]["z"] >= TH.z_derived and t["gram_r"]["n"] == 99
+    assert any(line.startswith("residual rotation: rotated copy") for line in c["alignment"]["lines"])
+
+
+def test_independent_seeds_stay_independent_with_the_rotation_tested(wide):
+    c = _run(wide["independent"], wide["base"])["comparisons"][0]
+    assert c["verdict"] == "independent", c["reasons"]
+    rot = c["alignment"]["rotation"]
+    assert rot["tested"] > 0 and rot["cleared"] == 0 and not rot["rotated"]
+    assert all(abs(t["gram_r"]["z"]) < 4 for t in rot["tensors"])
+
+
+def test_a_derived_pair_skips_the_rotation_check(wide):
+    c = _run(wide["base"], wide["base"])["comparisons"][0]
+    assert c["verdict"] == "identical" and c["alignment"]["rotation"] is None
+
+
+def test_gram_test_folds_each_side_s_own_norm_weights(wide, tmp_path):
+    """The test folds each side's
+    norm weights into its own rows: the rotated copy's norms are ones and its readers carry the base's weights, so
+    the Grams agree exactly only when the base's own norm weights are folded into its rows."""
+    from hf_provenance.alignment.rotation import _norms, _readers, gram_test
+
+    base, rot = open_model(wide["base"]), open_model(wide["rotated"])
+    plan, _ = identity_plan(base, rot)
+    readers, norms = _readers(plan), _norms(plan)
+    assert {p.key.role for p in readers} == {"ffn_gate", "ffn_up"} and len(readers) == 4
+    p = readers[0]
+    norm = norms[(READERS[p.key.role], p.key.layer)]
+    folded = gram_test(base, rot, p, norm, seed=0)
+    unfolded = gram_test(base, rot, p, None, seed=0)
+    assert folded.test.observed > 0.999 and folded.rows == ROWS
+    assert unfolded.test.observed < folded.test.observed
+
+
+def test_the_null_relabels_units_and_is_calibrated_on_independent_models(wide):
+    """Two independent seeds: every tensor's Mantel z is near N(0, 1); the decision needs MIN_CLEARED tensors."""
+    base, ind = open_model(wide["base"]), open_model(wide["independent"])
+    plan, _ = identity_plan(base, ind)
+    zs = [t.test.z for seed in range(3) for t in rotation_check(base, ind, plan, seed=seed).tests]
+    assert len(zs) == 12 and np.max(np.abs(zs)) < 4 and MIN_CLEARED >= 2
