@@ -42,6 +42,7 @@ ROWS = 256            # rows (units) per Gram
 MIN_ROWS = 32         # tensors with fewer rows are not tested
 MAX_TENSORS = 32      # tensors tested per comparison, spread evenly over the layers
 DRAWS = 99            # relabellings of B's rows per tensor
+DRAW_CHUNK = 16       # relabellings gathered at once (16 × s² floats)
 MIN_CLEARED = 2
 # MLP readers (rows = units, an arbitrary axis) and the norm whose weights multiply their columns
 READERS: dict[str, str] = {
@@ -128,12 +129,13 @@ def _gram(x: torch.Tensor, g: torch.Tensor | None) -> torch.Tensor:
     return (x @ x.T).double()
 
 
-def _pearson_rows(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """Pearson of vector a [m] with each row of b [K, m]."""
-    a = a - a.mean()
-    b = b - b.mean(1, keepdim=True)
-    den = (a.norm() * b.norm(dim=1)).clamp_min(N.EPS)
-    return (b @ a) / den
+def _centred_offdiag(g: torch.Tensor) -> tuple[torch.Tensor, float]:
+    """g with the mean of its off-diagonal entries removed and a zero diagonal, and the norm of its upper triangle:
+    the parts of the off-diagonal Pearson. A relabelling permutes the same entries, so only the cross term moves."""
+    s = g.shape[0]
+    off = ~torch.eye(s, dtype=torch.bool)
+    c = torch.where(off, g - g[off].mean(), 0.0)
+    return c, float(torch.sqrt(0.5 * (c * c).sum()))
 
 
 def gram_test(base, model, pair: PairSpec, norm: PairSpec | None, *, seed: int, draws: int = DRAWS) -> GramTest:
@@ -147,15 +149,20 @@ def gram_test(base, model, pair: PairSpec, norm: PairSpec | None, *, seed: int, 
     # each side in its own residual basis: column maps, signs and fold scales are irrelevant to E·Eᵀ
     xa = read_rows(base, replace(pair, base_cols=None), pos, side="base")
     xb = read_rows(model, replace(pair, col_map=None, col_sign=None, col_scale=None), pos, side="model")
-    ga = _gram(xa, _vector(base, norm.base_name if norm is not None else None))
-    gb = _gram(xb, _vector(model, norm.cand_name if norm is not None else None))
-    iu = torch.triu_indices(s, s, 1)
-    a = ga[iu[0], iu[1]]
-    observed = float(_pearson_rows(a, gb[iu[0], iu[1]].unsqueeze(0))[0])
+    a, na = _centred_offdiag(_gram(xa, _vector(base, norm.base_name if norm is not None else None)))
+    b, nb = _centred_offdiag(_gram(xb, _vector(model, norm.cand_name if norm is not None else None)))
+    den = max(na * nb, N.EPS)
+    observed = float(0.5 * (a * b).sum()) / den
     perms = torch.from_numpy(np.argsort(rng.random((draws, s)), axis=1))
-    null = _pearson_rows(a, gb[perms[:, iu[0]], perms[:, iu[1]]]).numpy()
-    test = N.NullTest("gram_r", observed, null, method="relabellings of the model's units (rows), "
-                      f"{draws} draws", seed=seed)
+    a32, b32 = a.float(), b.float()
+    null = []
+    for lo in range(0, draws, DRAW_CHUNK):
+        p = perms[lo:lo + DRAW_CHUNK]
+        rows = b32[p]                                                      # [K, s, s]: rows relabelled
+        both = rows.gather(2, p.unsqueeze(1).expand(-1, s, -1))           # ... and columns
+        null.append((both * a32).sum((1, 2)).double() * 0.5 / den)
+    test = N.NullTest("gram_r", observed, torch.cat(null).numpy(),
+                      method=f"relabellings of the model's units (rows), {draws} draws", seed=seed)
     cleared = bool(observed >= th.r_derived and (test.z or 0.0) >= th.z_derived and test.exceeds_all)
     return GramTest(pair.base_name, pair.layer, s, test, cleared)
 
