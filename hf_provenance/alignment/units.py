@@ -33,8 +33,9 @@ without sampling), sketching O(h·n), matching O(n²·k) flops (mutual-best roun
 one linear assignment on at most LAP_MAX unresolved units (O(LAP_MAX³) worst case), the null O(K·u·n·k) with
 K = 99 draws and u test units (64 to 512, fewer for wide layers: K·u·n·k·sources ≤ NULL_FLOPS). Memory
 O(n·k + 1024·n + LAP_MAX²). A batch of many groups (a layer's routed experts) is tested on at most MAX_NULL_GROUPS
-of them first; the others are read and fitted only when that test recovers a correspondence, so an independent
-MoE layer reads the down (and gate/up) of 16 experts a side, not 128. Measured (benchmarks/matching.py, 2 shared CPU cores): n = 18944, h = 3584: the map
+of them first; the maps are fitted (and the other groups read) only when that test recovers a correspondence, so
+an independent MoE layer reads the down (and gate/up) of 16 experts a side, not 128, and runs no assignment.
+Measured (benchmarks/matching.py, 2 shared CPU cores): n = 18944, h = 3584: the map
 2.7-4.2 s, the whole fit with its null 19-24 s, peak about 0.75 GiB above the process's start.
 """
 
@@ -410,7 +411,7 @@ class BatchFit:
     agreement: dict
     recovered: bool
     sources: tuple[str, ...]
-    fitted: int = 1            # groups whose map was fitted (a batch that is not recovered: its tested groups)
+    fitted: int = 1            # groups whose map was fitted (none when the batch is not recovered)
 
     @property
     def is_identity(self) -> bool:
@@ -418,8 +419,9 @@ class BatchFit:
 
     def to_dict(self) -> dict:
         return {"layer": self.layer, "kind": self.kind, "groups": len(self.maps), "units": self.n_units,
-                "recovered": self.recovered, "identity_share": _clean(self.identity_share),
-                "groups_fitted": self.fitted, "mutual_best": self.mutual_best, "assignment_size": self.lap_size,
+                "recovered": self.recovered, "identity_share": _clean(self.identity_share) if self.fitted else None,
+                "groups_fitted": self.fitted, "mutual_best": self.mutual_best if self.fitted else None,
+                "assignment_size": self.lap_size if self.fitted else None,
                 "heldout_r": self.heldout.to_dict(),
                 "agreement": {k: v.to_dict() for k, v in self.agreement.items()},
                 "fit_sources": list(self.sources)}
@@ -472,8 +474,9 @@ def fit_mlp_batch(groups: list[MlpGroup], base, model, sketch: N.ResidualSketch,
     """Fit the unit maps of one batch (groups sharing one null: a layer's dense MLP, shared or routed experts).
 
     B's sketches are kept bucket-major ([k, n]) so a null draw is a row gather; A's test units are prepared once.
-    The batch is tested first, on its tested groups; the other groups' maps are fitted only when the test recovers
-    a correspondence (or ``fit_all``): a map that is not applied needs no fit, and no read.
+    The batch is tested first, on its tested groups; the maps are fitted only when the test recovers a
+    correspondence (or ``fit_all``): a map that is not applied needs no assignment, and the groups not tested no
+    read.
     """
     halves = [torch.from_numpy(h) for h in sketch.halves]
     n_sources = 1 + (2 if full else 0)
@@ -487,19 +490,23 @@ def fit_mlp_batch(groups: list[MlpGroup], base, model, sketch: N.ResidualSketch,
     per_group_u = _test_units([groups[i].n_units for i in tested], draws, n_sources * sketch.k)
     fits: dict[int, Assignment] = {}
 
-    def fit(i: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Read group i's down sketches and fit its map; the sketches (A [n, k], B bucket-major [k, n])."""
+    def read_down(i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Group i's down sketches: A [n, k], and B bucket-major [k, n] centred over units."""
         a_down = sketch_writer(base, groups[i].down, sketch, side="base")
-        b_down = sketch_writer(model, groups[i].down, sketch, side="model").T.contiguous()
-        fits[i] = assign(N.unit_rows(a_down), N.unit_cols(b_down).T)
-        return a_down, b_down
+        b_down = sketch_writer(model, groups[i].down, sketch, side="model").T.contiguous().float()
+        return a_down, b_down - b_down.mean(1, keepdim=True)
 
-    # only the tested groups keep sketches (for the null) and have gate/up read (agreement sources of the test
-    # only): 128 experts' sketches held at once had taken 2 GB for one Qwen3-30B-A3B-sized layer
+    def fit(i: int, a_down: torch.Tensor, bc: torch.Tensor) -> None:
+        fits[i] = assign(N.unit_rows(a_down), N.unit_cols(bc).T)  # unit_cols centres again: a no-op on bc
+
+    # only the tested groups keep sketches (for the null, and for their fit after it) and have gate/up read
+    # (agreement sources of the test only): 128 experts' sketches held at once had taken 2 GB for one
+    # Qwen3-30B-A3B-sized layer
+    kept: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
     prepared = []
     for i in tested:
         g = groups[i]
-        a_down, b_down = fit(i)
+        a_down, bc = kept[i] = read_down(i)
         a, b = {}, {}
         if full:
             for name in ("gate", "up"):
@@ -516,7 +523,6 @@ def fit_mlp_batch(groups: list[MlpGroup], base, model, sketch: N.ResidualSketch,
         # the down sketch is centred once (each draw only gathers a half's rows and takes their norms), the
         # agreement sources are normalised once, and the draw moves A's few test units instead of B's k × n
         # sketch (the same statistics, to 1e-6; the unit search of two 5632-wide layers 9.4 -> 6.4-6.9 s)
-        bc = b_down.float() - b_down.float().mean(1, keepdim=True)
         bn = {name: N.unit_cols(b[name]) for name in asrc}
         prepared.append((ah, asrc, bc, bn))
 
@@ -542,21 +548,23 @@ def fit_mlp_batch(groups: list[MlpGroup], base, model, sketch: N.ResidualSketch,
 
     stats = N.simulate(statistics, sketch, draws=draws, seed=seed + 7919 * ((groups[0].layer or 0) + 1))
     sources = ("down",) + tuple(n for n in ("gate", "up") if n in prepared[0][1])  # asrc: the sources read
-    prepared.clear()  # the tested groups' sketches are not needed past the test
+    prepared.clear()
     held, agree = _split_tests(stats)
     recovered = _decide(held)
-    if recovered or fit_all:  # each remaining group is fitted as soon as its down sketches are read
+    # the maps are fitted only now, and only when they will be applied: the test did not need them (it scores
+    # best matches on held-out halves), and on independent models every assignment had been wasted work
+    if recovered or fit_all:  # each group not tested is fitted as soon as its down sketches are read
         for i in range(len(groups)):
-            if i not in fits:
-                fit(i)
+            fit(i, *(kept.pop(i) if i in kept else read_down(i)))
+    kept.clear()
     done = [fits[i] for i in sorted(fits)]
     maps = tuple(fits[i].perm if i in fits else None for i in range(len(groups)))
     same = sum(int((f.perm == np.arange(len(f.perm))).sum()) for f in done)
     total = sum(len(f.perm) for f in done)
     return BatchFit(groups[0].kind, groups[0].layer, tuple(g.label for g in groups), maps,
                     tuple(None for _ in maps), groups[0].n_units, same / max(1, total),
-                    sum(f.mutual_best for f in done), max(f.lap_size for f in done), held, agree, recovered, sources,
-                    len(done))
+                    sum(f.mutual_best for f in done), max((f.lap_size for f in done), default=0), held, agree,
+                    recovered, sources, len(done))
 
 
 def fit_heads(g: HeadGroup, base, model, sketch: N.ResidualSketch, *, full: bool, seed: int,
