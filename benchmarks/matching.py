@@ -289,8 +289,9 @@ def _line(r: dict) -> str:
         if name in r:
             x = r[name]
             rec = f", recovered {x['recovered']}" if "recovered" in x else ""
+            exact = "no map fitted" if x.get("exact") is None else f"exact {x['exact']:.3f}"
             parts.append(f"{name} {x['seconds']:.1f} s [min {x['seconds_min']:.1f}], peak +"
-                         f"{x['peak_over_start_mb']:.0f} MB (exact {x['exact']:.3f}{rec})")
+                         f"{x['peak_over_start_mb']:.0f} MB ({exact}{rec})")
     ref = r.get("reference_dense_lap")
     for name in ("units", "match_only"):
         if ref and name in r:
