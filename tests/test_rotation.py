@@ -114,3 +114,31 @@ def test_the_null_relabels_units_and_is_calibrated_on_independent_models(wide):
     plan, _ = identity_plan(base, ind)
     zs = [t.test.z for seed in range(3) for t in rotation_check(base, ind, plan, seed=seed).tests]
     assert len(zs) == 12 and np.max(np.abs(zs)) < 4 and MIN_CLEARED >= 2
+
+
+@pytest.fixture(scope="module")
+def moe(tmp_path_factory):
+    root = tmp_path_factory.mktemp("rotation-moe")
+    sizes = dict(hidden=1024, layers=1, intermediate=2048, vocab=1024, experts=8, moe_intermediate=64,
+                 experts_per_tok=2)
+    base = build_random("qwen3_moe", root / "base", seed=0, **sizes)
+    build_random("qwen3_moe", root / "independent", seed=1, **sizes)
+    _rewrite(base, root / "rotated", rotate_residual_state_dict)
+    return {name: str(root / name) for name in ("base", "independent", "rotated")}
+
+
+def test_rotated_moe_copy_keeps_the_function_and_is_derived_by_its_experts(moe):
+    """Routed experts (and the router) read the rotated residual too: the function is kept, and the Grams of the
+    experts' gate/up rows (64 units each) find the copy; independent seeds stay independent."""
+    from transformers import AutoModelForCausalLM
+
+    ids = torch.arange(12).reshape(1, -1)
+    out = [AutoModelForCausalLM.from_pretrained(moe[n], dtype=torch.float32)(ids).logits for n in ("base", "rotated")]
+    assert torch.allclose(out[0], out[1], atol=2e-2, rtol=2e-2)
+    c = _run(moe["rotated"], moe["base"])["comparisons"][0]
+    assert c["verdict"] == "derived" and c["relation"] == ["permuted"], c["reasons"]
+    rot = c["alignment"]["rotation"]
+    assert rot["rotated"] and rot["tested"] == 16 and rot["cleared"] == 16  # 8 experts × (gate, up)
+    assert all("_exp" in t["tensor"] or "experts" in t["tensor"] for t in rot["tensors"])
+    c = _run(moe["independent"], moe["base"])["comparisons"][0]
+    assert c["verdict"] == "independent" and c["alignment"]["rotation"]["cleared"] == 0

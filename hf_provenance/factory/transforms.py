@@ -1104,17 +1104,20 @@ def permute_residual_state_dict(sd: dict[str, torch.Tensor], seed: int = 3) -> d
 
 
 def fold_norms_state_dict(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """A Llama-layout state dict with its RMSNorm weights folded into the next matrices' columns and set to 1
-    (function unchanged)."""
+    """A Llama-layout state dict (dense or MoE) with its RMSNorm weights folded into the matrices that read the
+    normalised residual (q/k/v after input_layernorm; every gate/up, shared and routed experts', and the router
+    after post_attention_layernorm) and set to 1 (function unchanged)."""
     out = dict(sd)
     for k, g in sd.items():
         if not k.endswith("layernorm.weight"):
             continue
         prefix = k.rsplit(".", 2)[0]
-        targets = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj") if "input_layernorm" in k else \
-            ("mlp.gate_proj", "mlp.up_proj")
-        for t in targets:
-            name = f"{prefix}.{t}.weight"
+        if "input_layernorm" in k:
+            targets = [f"{prefix}.self_attn.{t}.weight" for t in ("q_proj", "k_proj", "v_proj")]
+        else:
+            targets = [n for n in sd if n.startswith(f"{prefix}.mlp.") and
+                       (n.endswith(("gate_proj.weight", "up_proj.weight")) or n == f"{prefix}.mlp.gate.weight")]
+        for name in targets:
             if name in out:
                 out[name] = out[name] * g.unsqueeze(0)
         out[k] = torch.ones_like(g)
@@ -1122,15 +1125,16 @@ def fold_norms_state_dict(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor
 
 
 def rotate_residual_state_dict(sd: dict[str, torch.Tensor], seed: int = 0) -> dict[str, torch.Tensor]:
-    """A Llama-layout state dict with its norms folded, then its residual stream rotated by a random orthogonal Q
-    (QuaRot / SpinQuant / SliceGPT style; function unchanged): readers W·Q, writers Qᵀ·W."""
+    """A Llama-layout state dict (dense or MoE) with its norms folded, then its residual stream rotated by a random
+    orthogonal Q (QuaRot / SpinQuant / SliceGPT style; function unchanged): readers W·Q (the router too), writers
+    Qᵀ·W."""
     sd = fold_norms_state_dict(sd)
     g_final = sd["model.norm.weight"]
     sd["lm_head.weight"] = sd["lm_head.weight"] * g_final.unsqueeze(0)
     sd["model.norm.weight"] = torch.ones_like(g_final)
     h = sd["model.embed_tokens.weight"].shape[1]
     q, _ = torch.linalg.qr(torch.randn(h, h, generator=torch.Generator().manual_seed(seed)))
-    reads = ("embed", "q_proj", "k_proj", "v_proj", "gate_proj", "up_proj", "lm_head")
+    reads = ("embed", "q_proj", "k_proj", "v_proj", "gate_proj", "up_proj", "lm_head", "mlp.gate.weight")
     out = {}
     for k, v in sd.items():
         if v.ndim == 2 and v.shape[1] == h and any(x in k for x in reads):
