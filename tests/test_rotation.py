@@ -142,3 +142,27 @@ def test_rotated_moe_copy_keeps_the_function_and_is_derived_by_its_experts(moe):
     assert all("_exp" in t["tensor"] or "experts" in t["tensor"] for t in rot["tensors"])
     c = _run(moe["independent"], moe["base"])["comparisons"][0]
     assert c["verdict"] == "independent" and c["alignment"]["rotation"]["cleared"] == 0
+
+
+def test_every_tested_block_is_announced_before_the_first_read(wide, monkeypatch):
+    """On the Hub each read is a round trip: the check asks each source for all its row blocks at once (coalesced
+    background range requests; read-ahead hints locally) before reading them one by one."""
+    from hf_provenance.alignment import rotation as R
+
+    base, model = open_model(wide["base"]), open_model(wide["independent"])
+    plan, _ = identity_plan(base, model)
+    log = []
+    for side, src in (("base", base), ("model", model)):
+        real = src.prefetch
+        monkeypatch.setattr(src, "prefetch", lambda spans, side=side, real=real: log.append((side, list(spans)))
+                            or real(spans), raising=False)
+    real_read = R.read_rows
+    monkeypatch.setattr(R, "read_rows", lambda *a, **k: log.append(("read",)) or real_read(*a, **k))
+    check = rotation_check(base, model, plan, seed=3)
+    assert [e[0] for e in log[:2]] == ["base", "model"] and all(e[0] == "read" for e in log[2:])
+    announced = {side: set(spans) for side, spans in log[:2]}
+    for t in check.tests:
+        start = R._rows(next(p for p in plan.pairs if p.base_name == t.name), 3)[1][0]
+        assert (t.name, start, start + t.rows) in announced["base"] and (t.name, start, start + t.rows) in \
+            announced["model"]
+    assert len(log) == 2 + 2 * len(check.tests)

@@ -35,6 +35,7 @@ import torch
 from hf_provenance.alignment import nulls as N
 from hf_provenance.alignment.plan import AlignmentPlan, PairSpec
 from hf_provenance.alignment.units import read_rows
+from hf_provenance.measurement.readahead import _row_spans
 from hf_provenance.statistics.effects import _clean
 from hf_provenance.statistics.thresholds import load as load_thresholds
 
@@ -138,14 +139,38 @@ def _centred_offdiag(g: torch.Tensor) -> tuple[torch.Tensor, float]:
     return c, float(torch.sqrt(0.5 * (c * c).sum()))
 
 
-def gram_test(base, model, pair: PairSpec, norm: PairSpec | None, *, seed: int, draws: int = DRAWS) -> GramTest:
-    """The Mantel test of one reader pair's row Grams (module docstring)."""
-    th = load_thresholds()
+def _rows(pair: PairSpec, seed: int) -> tuple[np.random.Generator, np.ndarray]:
+    """The pair's generator (its relabellings come next) and its block of ROWS contiguous rows, seeded by shape."""
     n = pair.shape[0]
     s = min(ROWS, n)
     rng = np.random.default_rng([seed, 0x6A7, pair.shape[0], pair.shape[1], pair.layer or 0])
     start = int(rng.integers(0, n - s + 1))
-    pos = np.arange(start, start + s)
+    return rng, np.arange(start, start + s)
+
+
+def _announce(base, model, pairs: list[PairSpec], seed: int) -> None:
+    """Ask each source for every tested row block at once (remote: background range requests, coalesced; local:
+    read-ahead hints), before the tests read them one by one."""
+    for src, side in ((base, "base"), (model, "model")):
+        prefetch = getattr(src, "prefetch", None)
+        if prefetch is None:
+            continue
+        spans = []
+        for p in pairs:
+            pos = _rows(p, seed)[1]
+            name, idx = (p.base_name, p.base_rows) if side == "base" else (p.cand_name, p.cand_rows)
+            spans += _row_spans(name, None if idx is None else np.asarray(idx), int(pos[0]), int(pos[-1]) + 1)
+        try:
+            prefetch(spans)
+        except Exception:  # noqa: BLE001 - a hint only: the read that follows reports any real error
+            pass
+
+
+def gram_test(base, model, pair: PairSpec, norm: PairSpec | None, *, seed: int, draws: int = DRAWS) -> GramTest:
+    """The Mantel test of one reader pair's row Grams (module docstring)."""
+    th = load_thresholds()
+    rng, pos = _rows(pair, seed)
+    s = len(pos)
     # each side in its own residual basis: column maps, signs and fold scales are irrelevant to E·Eᵀ
     xa = read_rows(base, replace(pair, base_cols=None), pos, side="base")
     xb = read_rows(model, replace(pair, col_map=None, col_sign=None, col_scale=None), pos, side="model")
@@ -171,9 +196,9 @@ def rotation_check(base, model, plan: AlignmentPlan, *, seed: int = 0) -> Rotati
     """Test whether the model is a residual-rotated copy of the base (module docstring); reads ≤ MAX_TENSORS × ROWS
     rows a side."""
     norms = _norms(plan)
-    tests = []
-    for p in _readers(plan):
-        tests.append(gram_test(base, model, p, norms.get((READERS[p.key.role], p.key.layer)), seed=seed))
+    readers = _readers(plan)
+    _announce(base, model, readers, seed)
+    tests = [gram_test(base, model, p, norms.get((READERS[p.key.role], p.key.layer)), seed=seed) for p in readers]
     return RotationCheck(tuple(tests))
 
 
