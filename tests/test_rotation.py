@@ -124,7 +124,8 @@ def moe(tmp_path_factory):
     base = build_random("qwen3_moe", root / "base", seed=0, **sizes)
     build_random("qwen3_moe", root / "independent", seed=1, **sizes)
     _rewrite(base, root / "rotated", rotate_residual_state_dict)
-    return {name: str(root / name) for name in ("base", "independent", "rotated")}
+    apply_transform(root / "rotated", root / "rotated-shuffled", "shuffle_experts", seed=3)
+    return {name: str(root / name) for name in ("base", "independent", "rotated", "rotated-shuffled")}
 
 
 def test_rotated_moe_copy_keeps_the_function_and_is_derived_by_its_experts(moe):
@@ -166,3 +167,22 @@ def test_every_tested_block_is_announced_before_the_first_read(wide, monkeypatch
         assert (t.name, start, start + t.rows) in announced["base"] and (t.name, start, start + t.rows) in \
             announced["model"]
     assert len(log) == 2 + 2 * len(check.tests)
+
+
+def test_rotated_copy_with_shuffled_experts_is_paired_through_its_routers(moe):
+    """Experts shuffled on top of the rotation: each base expert is paired with the model expert whose router row
+    has the same sorted inner products with the layer's router rows (rotation- and order-invariant), then tested.
+    Compared index by index, the same copy is not found."""
+    from hf_provenance.alignment import rotation as R
+
+    c = _run(moe["rotated-shuffled"], moe["base"])["comparisons"][0]
+    assert c["verdict"] == "derived" and c["relation"] == ["permuted"], c["reasons"]
+    rot = c["alignment"]["rotation"]
+    assert rot["rotated"] and rot["cleared"] == rot["tested"] == 16
+    moved = rot["expert_pairing"]["experts_moved"]
+    assert rot["expert_pairing"]["layers"] == [0] and moved >= 4
+    assert sum(t["model_tensor"] != t["tensor"] for t in rot["tensors"]) == 2 * moved  # gate and up of each
+    base, model = open_model(moe["base"]), open_model(moe["rotated-shuffled"])
+    plan, _ = identity_plan(base, model)
+    by_index = R.RotationCheck(tuple(R.gram_test(base, model, p, None, seed=0) for p in R._readers(plan)))
+    assert len(by_index.tests) == 16 and not by_index.rotated

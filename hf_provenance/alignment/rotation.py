@@ -17,6 +17,12 @@ A). Only MLP units are used (gate/up of dense MLPs, shared and routed experts): 
 q/k rows carry rotary frequencies at fixed positions, structure that independent models share and a plain row
 relabelling would call evidence. Nothing is fitted to the other side, so the test cannot inflate similarity.
 
+**Routed experts shuffled too.** Expert e of the base is tested against the model's expert that its router row
+matches: each expert's signature is its router row's sorted inner products with every router row of its layer
+(norm folded), invariant to the rotation and to any reordering of the experts; the experts are paired by linear
+assignment on those signatures (a rotated, expert-shuffled copy pairs exactly). The pairing depends on the routers
+only, so relabelling the units inside a paired expert is still exactly the null: the test stays valid.
+
 **Decision.** A tensor clears when r ≥ r_derived, z ≥ z_derived against its null, and r exceeds every draw (as the
 searches decide); the pair is a rotated copy when at least ``MIN_CLEARED`` tensors clear and they are at least half
 of those tested (replication). Run only when the ordinary evidence and the searches found no lineage.
@@ -51,6 +57,8 @@ READERS: dict[str, str] = {
     "ffn_gate_shexp": "ffn_norm", "ffn_up_shexp": "ffn_norm",
     "ffn_gate_exp": "ffn_norm", "ffn_up_exp": "ffn_norm",
 }
+EXPERT_METHOD = ("routed experts paired by linear assignment on their router rows' sorted inner products with every "
+                 "router row of the layer (norm folded): invariant to the rotation and to the experts' order")
 METHOD = ("row Gram matrices of MLP readers (each side's norm weights folded in), invariant to any orthogonal "
           "change of the residual basis; Mantel test: Pearson of the off-diagonal entries against relabellings of "
           "the model's units")
@@ -63,15 +71,18 @@ class GramTest:
     rows: int
     test: N.NullTest
     cleared: bool
+    model_name: str | None = None
 
     def to_dict(self) -> dict:
-        return {"tensor": self.name, "layer": self.layer, "rows": self.rows, "gram_r": self.test.to_dict(),
-                "cleared": self.cleared}
+        return {"tensor": self.name, "model_tensor": self.model_name, "layer": self.layer, "rows": self.rows,
+                "gram_r": self.test.to_dict(), "cleared": self.cleared}
 
 
 @dataclass(frozen=True)
 class RotationCheck:
     tests: tuple[GramTest, ...]
+    expert_layers: tuple[int, ...] = ()      # MoE layers whose experts were paired through their routers
+    experts_moved: int = 0                   # base experts paired with a model expert of another index
 
     @property
     def cleared(self) -> int:
@@ -98,6 +109,8 @@ class RotationCheck:
     def to_dict(self) -> dict:
         return {"method": METHOD, "tested": len(self.tests), "cleared": self.cleared, "rotated": self.rotated,
                 "mean_r": _clean(self.mean_r), "draws": DRAWS, "rows": ROWS,
+                "expert_pairing": {"method": EXPERT_METHOD, "layers": list(self.expert_layers),
+                                   "experts_moved": self.experts_moved} if self.expert_layers else None,
                 "tensors": [t.to_dict() for t in self.tests]}
 
 
@@ -192,14 +205,63 @@ def gram_test(base, model, pair: PairSpec, norm: PairSpec | None, *, seed: int, 
     return GramTest(pair.base_name, pair.layer, s, test, cleared)
 
 
+def _router_signatures(src, pair: PairSpec, norm: PairSpec | None, side: str) -> np.ndarray:
+    """Each expert's router row: its sorted inner products with every router row of the layer, norm folded."""
+    if side == "base":
+        rows, g = replace(pair, base_cols=None), _vector(src, None if norm is None else norm.base_name)
+    else:
+        rows = replace(pair, col_map=None, col_sign=None, col_scale=None)
+        g = _vector(src, None if norm is None else norm.cand_name)
+    return np.sort(_gram(read_rows(src, rows, np.arange(pair.shape[0]), side=side), g).numpy(), axis=1)
+
+
+def _expert_pairing(base, model, plan: AlignmentPlan, layers: set, norms: dict) -> dict[int, np.ndarray]:
+    """Per MoE layer: base expert e -> model expert index, from the routers (module docstring)."""
+    from scipy.optimize import linear_sum_assignment
+
+    out = {}
+    for p in plan.pairs:
+        if p.key.role != "ffn_gate_inp" or p.key.layer not in layers or len(p.shape) != 2 or any(p.transposed):
+            continue
+        if getattr(p.key, "part", "weight") != "weight" or p.base_rows is not None or p.cand_rows is not None:
+            continue
+        norm = norms.get(("ffn_norm", p.key.layer))
+        sa, sb = (_router_signatures(src, p, norm, side) for src, side in ((base, "base"), (model, "model")))
+        # squared distances of the signatures, without the (E, E, E) difference array
+        cost = (sa * sa).sum(1)[:, None] + (sb * sb).sum(1)[None, :] - 2.0 * sa @ sb.T
+        rows, cols = linear_sum_assignment(cost)
+        out[p.key.layer] = cols[np.argsort(rows)]
+    return out
+
+
+def _through(pair: PairSpec, by_expert: dict, pairing: dict[int, np.ndarray]) -> PairSpec:
+    """A routed expert's pair re-pointed at the model expert its router paired it with (unchanged otherwise)."""
+    e, layer = pair.key.expert, pair.key.layer
+    if e is None or layer not in pairing or e >= len(pairing[layer]):
+        return pair
+    other = by_expert.get((pair.key.role, layer, int(pairing[layer][e])))
+    if other is None or other.shape != pair.shape:
+        return pair
+    return replace(pair, cand_name=other.cand_name, cand_rows=other.cand_rows)
+
+
 def rotation_check(base, model, plan: AlignmentPlan, *, seed: int = 0) -> RotationCheck:
     """Test whether the model is a residual-rotated copy of the base (module docstring); reads ≤ MAX_TENSORS × ROWS
-    rows a side."""
+    rows a side, and the routers of the MoE layers tested."""
     norms = _norms(plan)
     readers = _readers(plan)
+    moe_layers = {p.key.layer for p in readers if p.key.expert is not None}
+    pairing = _expert_pairing(base, model, plan, moe_layers, norms) if moe_layers else {}
+    by_expert = {(p.key.role, p.key.layer, p.key.expert): p for p in plan.pairs
+                 if p.key.expert is not None and p.key.role in READERS}
+    readers = [_through(p, by_expert, pairing) for p in readers]
     _announce(base, model, readers, seed)
-    tests = [gram_test(base, model, p, norms.get((READERS[p.key.role], p.key.layer)), seed=seed) for p in readers]
-    return RotationCheck(tuple(tests))
+    tests = []
+    for p in readers:
+        t = gram_test(base, model, p, norms.get((READERS[p.key.role], p.key.layer)), seed=seed)
+        tests.append(replace(t, model_name=p.cand_name))
+    moved = sum(int((m != np.arange(len(m))).sum()) for m in pairing.values())
+    return RotationCheck(tuple(tests), tuple(sorted(pairing)), moved)
 
 
 __all__ = ["rotation_check", "gram_test", "RotationCheck", "GramTest", "READERS", "ROWS", "MAX_TENSORS"]
