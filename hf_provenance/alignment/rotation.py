@@ -39,6 +39,7 @@ import numpy as np
 import torch
 
 from hf_provenance.alignment import nulls as N
+from hf_provenance.alignment.assignment import linear_sum_assignment
 from hf_provenance.alignment.plan import AlignmentPlan, PairSpec
 from hf_provenance.alignment.units import read_rows
 from hf_provenance.measurement.readahead import _row_spans
@@ -217,8 +218,6 @@ def _router_signatures(src, pair: PairSpec, norm: PairSpec | None, side: str) ->
 
 def _expert_pairing(base, model, plan: AlignmentPlan, layers: set, norms: dict) -> dict[int, np.ndarray]:
     """Per MoE layer: base expert e -> model expert index, from the routers (module docstring)."""
-    from scipy.optimize import linear_sum_assignment
-
     out = {}
     for p in plan.pairs:
         if p.key.role != "ffn_gate_inp" or p.key.layer not in layers or len(p.shape) != 2 or any(p.transposed):
