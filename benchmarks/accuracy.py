@@ -200,6 +200,13 @@ def rows(cache: Path, quick: bool):
         apply_transform(rot, rot_noisy, "noise", scale=0.5)
     yield "llama (hidden 1024)", "rotation + noise 0.5x std", rot_noisy, wide, "derived", "permuted"
     yield "llama (hidden 1024)", "independent seeds 0 vs 1 (random init)", wide_ind, wide, "independent", None
+    moe, moe_ind = _random_moe(ex / "qwen3_moe-h1024", 0), _random_moe(ex / "qwen3_moe-h1024-seed1", 1)
+    moe_rot = ex / "qwen3_moe-h1024-rot-shuffled"
+    if not moe_rot.exists():
+        apply_transform(_rewrite(moe, ex / "qwen3_moe-h1024-rot", rotate_residual_state_dict), moe_rot,
+                        "shuffle_experts", seed=3)
+    yield "qwen3_moe (hidden 1024)", "rotation + shuffled experts", moe_rot, moe, "derived", "permuted"
+    yield "qwen3_moe (hidden 1024)", "independent seeds 0 vs 1 (random init)", moe_ind, moe, "independent", None
     # two independent models given the same strong within-unit coupling: unit maps agree far beyond "chance"
     yield "llama", "independent pair with strongly coupled gate/up", \
         _rewrite(mk("llama", "independent"), ex / "llama-indep-coupled", lambda sd: couple_units_state_dict(sd, 2)), \
@@ -207,6 +214,13 @@ def rows(cache: Path, quick: bool):
     yield "llama vs bert", "different families", mk("bert"), mk("llama"), "independent|inconclusive", None
     yield "qwen3_moe vs deepseek_v3", "different families", mk("qwen3_moe"), mk("deepseek_v3"), \
         "independent|inconclusive", None
+
+
+def _random_moe(path: Path, seed: int) -> Path:
+    if not (path / "config.json").exists():
+        build_random("qwen3_moe", path, seed=seed, hidden=1024, layers=2, intermediate=2048, vocab=2048, experts=16,
+                     moe_intermediate=128, experts_per_tok=2)
+    return path
 
 
 def _random_llama(path: Path, seed: int) -> Path:
