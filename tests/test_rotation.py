@@ -43,7 +43,9 @@ def wide(tmp_path_factory):
     build_random("llama", root / "independent", seed=1, **SIZES)
     _rewrite(base, root / "rotated", rotate_residual_state_dict)
     apply_transform(root / "rotated", root / "rotated-noisy", "noise", scale=0.5)
-    return {name: str(root / name) for name in ("base", "independent", "rotated", "rotated-noisy")}
+    apply_transform(root / "rotated", root / "rotated-permuted", "permute_units", seed=5)
+    return {name: str(root / name) for name in ("base", "independent", "rotated", "rotated-noisy",
+                                                "rotated-permuted")}
 
 
 def _run(model, base, **kw):
@@ -70,11 +72,32 @@ def test_rotated_copy_is_derived_by_the_row_gram_test(wide, which, sample):
     assert all(abs(g["pearson"]["value"]) < TH.r_derived for g in c["components"].values()
                if g["pearson"]["value"] is not None)
     rot = c["alignment"]["rotation"]
-    assert rot["rotated"] and rot["cleared"] == rot["tested"] == 4  # gate and up of both layers
+    # gate and up of both layers, and both value projections (two heads each, paired in place)
+    assert rot["rotated"] and rot["cleared"] == rot["tested"] == 6
+    assert [t["heads"] for t in rot["tensors"] if t["heads"]] == [[[0, 0], [1, 1]]] * 2
     for t in rot["tensors"]:
         assert t["cleared"] and t["gram_r"]["value"] >= (0.999 if which == "rotated" else 0.3)
         assert t["gram_r"]["z"] >= TH.z_derived and t["gram_r"]["n"] == 99
     assert any(line.startswith("residual rotation: rotated copy") for line in c["alignment"]["lines"])
+
+
+def test_rotated_copy_with_permuted_units_and_heads_is_found_by_its_value_heads(wide):
+    """MLP units and attention heads permuted on top of the rotation (function kept): the MLP Grams no longer line
+    up, but each value head's sorted row-Gram entries pair the heads again, and the value Grams agree."""
+    from transformers import AutoModelForCausalLM
+
+    ids = torch.arange(12).reshape(1, -1)
+    out = [AutoModelForCausalLM.from_pretrained(wide[n], dtype=torch.float32)(ids).logits
+           for n in ("base", "rotated-permuted")]
+    assert torch.allclose(out[0], out[1], atol=2e-2, rtol=2e-2)
+    c = _run(wide["rotated-permuted"], wide["base"])["comparisons"][0]
+    assert c["verdict"] == "derived" and c["relation"] == ["permuted"], c["reasons"]
+    rot = c["alignment"]["rotation"]
+    mlp = [t for t in rot["tensors"] if t["heads"] is None]
+    values = [t for t in rot["tensors"] if t["heads"] is not None]
+    assert not any(t["cleared"] for t in mlp) and len(values) == 2 and all(t["cleared"] for t in values)
+    assert any(h[0] != h[1] for t in values for h in t["heads"])  # a permuted head found where it went
+    assert "2 of 2 value tensors" in c["reasons"][0]
 
 
 def test_independent_seeds_stay_independent_with_the_rotation_tested(wide):
@@ -113,7 +136,7 @@ def test_the_null_relabels_units_and_is_calibrated_on_independent_models(wide):
     base, ind = open_model(wide["base"]), open_model(wide["independent"])
     plan, _ = identity_plan(base, ind)
     zs = [t.test.z for seed in range(3) for t in rotation_check(base, ind, plan, seed=seed).tests]
-    assert len(zs) == 12 and np.max(np.abs(zs)) < 4 and MIN_CLEARED >= 2
+    assert len(zs) == 18 and np.max(np.abs(zs)) < 4 and MIN_CLEARED >= 2
 
 
 @pytest.fixture(scope="module")
@@ -139,8 +162,8 @@ def test_rotated_moe_copy_keeps_the_function_and_is_derived_by_its_experts(moe):
     c = _run(moe["rotated"], moe["base"])["comparisons"][0]
     assert c["verdict"] == "derived" and c["relation"] == ["permuted"], c["reasons"]
     rot = c["alignment"]["rotation"]
-    assert rot["rotated"] and rot["tested"] == 16 and rot["cleared"] == 16  # 8 experts × (gate, up)
-    assert all("_exp" in t["tensor"] or "experts" in t["tensor"] for t in rot["tensors"])
+    assert rot["rotated"] and rot["tested"] == 17 and rot["cleared"] == 17  # 8 experts × (gate, up), value
+    assert sum("experts" in t["tensor"] for t in rot["tensors"]) == 16
     c = _run(moe["independent"], moe["base"])["comparisons"][0]
     assert c["verdict"] == "independent" and c["alignment"]["rotation"]["cleared"] == 0
 
@@ -178,7 +201,7 @@ def test_rotated_copy_with_shuffled_experts_is_paired_through_its_routers(moe):
     c = _run(moe["rotated-shuffled"], moe["base"])["comparisons"][0]
     assert c["verdict"] == "derived" and c["relation"] == ["permuted"], c["reasons"]
     rot = c["alignment"]["rotation"]
-    assert rot["rotated"] and rot["cleared"] == rot["tested"] == 16
+    assert rot["rotated"] and rot["cleared"] == rot["tested"] == 17
     moved = rot["expert_pairing"]["experts_moved"]
     assert rot["expert_pairing"]["layers"] == [0] and moved >= 4
     assert sum(t["model_tensor"] != t["tensor"] for t in rot["tensors"]) == 2 * moved  # gate and up of each

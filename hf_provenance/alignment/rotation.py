@@ -10,12 +10,18 @@ was called ``independent`` before this check), and no permutation search can und
 E = W·diag(g), is unchanged by any orthogonal Q (and by any residual permutation or sign flip): a rotated copy has
 the base's row Grams, up to fine-tuning; two independently trained models do not.
 
-**Test (Mantel).** Per reader pair: s rows (a seeded contiguous block of the unit axis, the same indices on both
-sides), the Pearson r of the off-diagonal entries of the two s × s Grams. Its null relabels B's rows by random
-permutations (DESIGN §Statistics 1: MLP units are an arbitrary axis, so under H0 B's labels are exchangeable given
-A). Only MLP units are used (gate/up of dense MLPs, shared and routed experts): value rows are grouped by head and
-q/k rows carry rotary frequencies at fixed positions, structure that independent models share and a plain row
-relabelling would call evidence. Nothing is fitted to the other side, so the test cannot inflate similarity.
+**Test (Mantel).** Per reader pair: s rows (the same indices on both sides), the Pearson r of the off-diagonal
+entries of the two s × s Grams. Its null relabels B's rows by the permutations its rows allow (DESIGN §Statistics 1:
+under H0 B's labels along an arbitrary axis are exchangeable given A). Two families of readers:
+
+* MLP units (gate/up of dense MLPs, shared and routed experts; a seeded contiguous block of ROWS units): an
+  arbitrary axis, any relabelling is the null;
+* value projections (``value_test``): rows grouped by head (the heads' attention patterns differ), so the heads are
+  paired first, on signatures no relabelling inside a head changes (each head's sorted row-Gram entries), and the
+  null relabels rows inside their head only. This finds a rotated copy whose MLP units and heads were permuted too.
+
+q/k rows are not used: they carry rotary frequencies at fixed positions, structure that independent models share and
+a relabelling would call evidence. Nothing is fitted to the other side, so the test cannot inflate similarity.
 
 **Routed experts shuffled too.** Expert e of the base is tested against the model's expert that its router row
 matches: each expert's signature is its router row's sorted inner products with every router row of its layer
@@ -24,11 +30,13 @@ assignment on those signatures (a rotated, expert-shuffled copy pairs exactly). 
 only, so relabelling the units inside a paired expert is still exactly the null: the test stays valid.
 
 **Decision.** A tensor clears when r ≥ r_derived, z ≥ z_derived against its null, and r exceeds every draw (as the
-searches decide); the pair is a rotated copy when at least ``MIN_CLEARED`` tensors clear and they are at least half
-of those tested (replication). Run only when the ordinary evidence and the searches found no lineage.
+searches decide); the pair is a rotated copy when, in one family, at least ``MIN_CLEARED`` tensors clear and they
+are at least half of that family's tests (replication). Run only when the ordinary evidence and the searches found
+no lineage.
 
-Cost: s rows of at most ``MAX_TENSORS`` tensors per side (2 MB each at hidden 4096) and their norm vectors; an
-s × s Gram (s² · hidden flops) and ``DRAWS`` relabellings of it per tensor.
+Cost: s rows of at most ``MAX_TENSORS`` MLP tensors per side (2 MB each at hidden 4096), every row of at most
+``MAX_VALUE_TENSORS`` value projections, their norm vectors and the MoE layers' routers; an s × s Gram (s² · hidden
+flops) and ``DRAWS`` relabellings of it per tensor.
 """
 
 from __future__ import annotations
@@ -52,17 +60,21 @@ MAX_TENSORS = 32      # tensors tested per comparison, spread evenly over the la
 DRAWS = 99            # relabellings of B's rows per tensor
 DRAW_CHUNK = 16       # relabellings gathered at once (16 × s² floats)
 MIN_CLEARED = 2
+MAX_VALUE_TENSORS = 4  # value projections tested per comparison (every row is read: all heads are paired)
+MAX_VALUE_ROWS = 4096  # ... when they have at most this many rows
 # MLP readers (rows = units, an arbitrary axis) and the norm whose weights multiply their columns
-READERS: dict[str, str] = {
+READERS: dict[str, str] = {  # value projections are tested apart (``value_test``), with attn_norm
     "ffn_gate": "ffn_norm", "ffn_up": "ffn_norm",
     "ffn_gate_shexp": "ffn_norm", "ffn_up_shexp": "ffn_norm",
     "ffn_gate_exp": "ffn_norm", "ffn_up_exp": "ffn_norm",
 }
 EXPERT_METHOD = ("routed experts paired by linear assignment on their router rows' sorted inner products with every "
                  "router row of the layer (norm folded): invariant to the rotation and to the experts' order")
-METHOD = ("row Gram matrices of MLP readers (each side's norm weights folded in), invariant to any orthogonal "
-          "change of the residual basis; Mantel test: Pearson of the off-diagonal entries against relabellings of "
-          "the model's units")
+METHOD = ("row Gram matrices of MLP readers and value projections (each side's norm weights folded in), invariant "
+          "to any orthogonal change of the residual basis; Mantel test: Pearson of the off-diagonal entries against "
+          "relabellings of the model's units (value rows: within their head, the heads paired first)")
+HEAD_METHOD = ("value heads paired by linear assignment on each head's sorted row-Gram entries (invariant to the "
+               "rotation, to the head order and to the rows' order inside a head)")
 
 
 @dataclass(frozen=True)
@@ -73,10 +85,16 @@ class GramTest:
     test: N.NullTest
     cleared: bool
     model_name: str | None = None
+    heads: tuple[tuple[int, int], ...] | None = None  # value projections: (base head, model head) tested
+
+    @property
+    def family(self) -> str:
+        return "value" if self.heads is not None else "mlp"
 
     def to_dict(self) -> dict:
         return {"tensor": self.name, "model_tensor": self.model_name, "layer": self.layer, "rows": self.rows,
-                "gram_r": self.test.to_dict(), "cleared": self.cleared}
+                "gram_r": self.test.to_dict(), "cleared": self.cleared,
+                "heads": None if self.heads is None else [list(h) for h in self.heads]}
 
 
 @dataclass(frozen=True)
@@ -91,7 +109,14 @@ class RotationCheck:
 
     @property
     def rotated(self) -> bool:
-        return self.cleared >= MIN_CLEARED and 2 * self.cleared >= len(self.tests)
+        """Replicated within one family of readers (MLP units or value rows): at least MIN_CLEARED tensors clear
+        and at least half of that family's tests (MLP units permuted on top of the rotation leave the values)."""
+        for family in ("mlp", "value"):
+            tests = [t for t in self.tests if t.family == family]
+            hit = sum(t.cleared for t in tests)
+            if hit >= MIN_CLEARED and 2 * hit >= len(tests):
+                return True
+        return False
 
     @property
     def mean_r(self) -> float | None:
@@ -99,17 +124,18 @@ class RotationCheck:
 
     def line(self) -> str:
         if not self.tests:
-            return "residual rotation: not tested (no MLP reader pair with enough rows)"
+            return "residual rotation: not tested (no MLP reader or value pair with enough rows)"
         t = [x.test for x in self.tests]
         mu, sd = float(np.mean([x.mean for x in t])), float(np.mean([x.sd for x in t]))
         what = (f"rotated copy: {self.cleared}/{len(t)} tensors clear the threshold" if self.rotated else
                 f"no rotated copy ({self.cleared}/{len(t)} tensors clear the threshold)")
-        return (f"residual rotation: {what}; row-Gram (Mantel) r = {self.mean_r:.2f} over {len(t)} MLP reader "
-                f"tensors (null {mu:.2f} ± {sd:.2f})")
+        n_v = sum(x.family == "value" for x in self.tests)
+        return (f"residual rotation: {what}; row-Gram (Mantel) r = {self.mean_r:.2f} over {len(t) - n_v} MLP reader "
+                f"and {n_v} value tensors (null {mu:.2f} ± {sd:.2f})")
 
     def to_dict(self) -> dict:
         return {"method": METHOD, "tested": len(self.tests), "cleared": self.cleared, "rotated": self.rotated,
-                "mean_r": _clean(self.mean_r), "draws": DRAWS, "rows": ROWS,
+                "mean_r": _clean(self.mean_r), "draws": DRAWS, "rows": ROWS, "head_pairing": HEAD_METHOD,
                 "expert_pairing": {"method": EXPERT_METHOD, "layers": list(self.expert_layers),
                                    "experts_moved": self.experts_moved} if self.expert_layers else None,
                 "tensors": [t.to_dict() for t in self.tests]}
@@ -117,7 +143,7 @@ class RotationCheck:
 
 def _norms(plan: AlignmentPlan) -> dict[tuple[str, int | None], PairSpec]:
     return {(p.key.role, p.key.layer): p for p in plan.pairs
-            if p.key.role in set(READERS.values()) and getattr(p.key, "part", "weight") == "weight"}
+            if p.key.role in {*READERS.values(), "attn_norm"} and getattr(p.key, "part", "weight") == "weight"}
 
 
 def _readers(plan: AlignmentPlan) -> list[PairSpec]:
@@ -136,11 +162,14 @@ def _vector(src, name: str | None) -> torch.Tensor | None:
     return src.reader.read_rows(name, 0, 1).reshape(-1).float()
 
 
+def _fold(g: torch.Tensor | None, n_cols: int) -> torch.Tensor | float:
+    """The norm weights to fold into rows of n_cols columns (1 when there are none, or they do not fit)."""
+    return g if g is not None and g.numel() == n_cols else 1.0
+
+
 def _gram(x: torch.Tensor, g: torch.Tensor | None) -> torch.Tensor:
     """E·Eᵀ of rows x with the norm weights g folded into the columns (when they fit)."""
-    x = x.float()
-    if g is not None and g.numel() == x.shape[1]:
-        x = x * g
+    x = x.float() * _fold(g, x.shape[1])
     return (x @ x.T).double()
 
 
@@ -162,48 +191,96 @@ def _rows(pair: PairSpec, seed: int) -> tuple[np.random.Generator, np.ndarray]:
     return rng, np.arange(start, start + s)
 
 
-def _announce(base, model, pairs: list[PairSpec], seed: int) -> None:
-    """Ask each source for every tested row block at once (remote: background range requests, coalesced; local:
-    read-ahead hints), before the tests read them one by one."""
+def _announce(base, model, blocks: list[tuple[PairSpec, int, int]]) -> None:
+    """Ask each source for every tested row block ``(pair, start, stop)`` at once (remote: background range requests,
+    coalesced; local: read-ahead hints), before the tests read them one by one."""
     for src, side in ((base, "base"), (model, "model")):
         prefetch = getattr(src, "prefetch", None)
         if prefetch is None:
             continue
         spans = []
-        for p in pairs:
-            pos = _rows(p, seed)[1]
+        for p, start, stop in blocks:
             name, idx = (p.base_name, p.base_rows) if side == "base" else (p.cand_name, p.cand_rows)
-            spans += _row_spans(name, None if idx is None else np.asarray(idx), int(pos[0]), int(pos[-1]) + 1)
+            spans += _row_spans(name, None if idx is None else np.asarray(idx), start, stop)
         try:
             prefetch(spans)
         except Exception:  # noqa: BLE001 - a hint only: the read that follows reports any real error
             pass
 
 
+def _mantel(ga: torch.Tensor, gb: torch.Tensor, perms: torch.Tensor) -> tuple[float, np.ndarray]:
+    """The off-diagonal Pearson of two s × s Grams, and its values with B's rows and columns relabelled by each row
+    of ``perms`` [K, s]."""
+    s = ga.shape[0]
+    a, na = _centred_offdiag(ga)
+    b, nb = _centred_offdiag(gb)
+    den = max(na * nb, N.EPS)
+    observed = float(0.5 * (a * b).sum()) / den
+    a32, b32 = a.float(), b.float()
+    null = []
+    for lo in range(0, len(perms), DRAW_CHUNK):
+        p = perms[lo:lo + DRAW_CHUNK]
+        rows = b32[p]                                                      # [K, s, s]: rows relabelled
+        both = rows.gather(2, p.unsqueeze(1).expand(-1, s, -1))           # ... and columns
+        null.append((both * a32).sum((1, 2)).double() * 0.5 / den)
+    return observed, torch.cat(null).numpy()
+
+
+def _decide(observed: float, null: np.ndarray, method: str, seed: int) -> tuple[N.NullTest, bool]:
+    th = load_thresholds()
+    test = N.NullTest("gram_r", observed, null, method=method, seed=seed)
+    return test, bool(observed >= th.r_derived and (test.z or 0.0) >= th.z_derived and test.exceeds_all)
+
+
 def gram_test(base, model, pair: PairSpec, norm: PairSpec | None, *, seed: int, draws: int = DRAWS) -> GramTest:
     """The Mantel test of one reader pair's row Grams (module docstring)."""
-    th = load_thresholds()
     rng, pos = _rows(pair, seed)
     s = len(pos)
     # each side in its own residual basis: column maps, signs and fold scales are irrelevant to E·Eᵀ
     xa = read_rows(base, replace(pair, base_cols=None), pos, side="base")
     xb = read_rows(model, replace(pair, col_map=None, col_sign=None, col_scale=None), pos, side="model")
-    a, na = _centred_offdiag(_gram(xa, _vector(base, norm.base_name if norm is not None else None)))
-    b, nb = _centred_offdiag(_gram(xb, _vector(model, norm.cand_name if norm is not None else None)))
-    den = max(na * nb, N.EPS)
-    observed = float(0.5 * (a * b).sum()) / den
+    ga = _gram(xa, _vector(base, norm.base_name if norm is not None else None))
+    gb = _gram(xb, _vector(model, norm.cand_name if norm is not None else None))
     perms = torch.from_numpy(np.argsort(rng.random((draws, s)), axis=1))
-    a32, b32 = a.float(), b.float()
-    null = []
-    for lo in range(0, draws, DRAW_CHUNK):
-        p = perms[lo:lo + DRAW_CHUNK]
-        rows = b32[p]                                                      # [K, s, s]: rows relabelled
-        both = rows.gather(2, p.unsqueeze(1).expand(-1, s, -1))           # ... and columns
-        null.append((both * a32).sum((1, 2)).double() * 0.5 / den)
-    test = N.NullTest("gram_r", observed, torch.cat(null).numpy(),
-                      method=f"relabellings of the model's units (rows), {draws} draws", seed=seed)
-    cleared = bool(observed >= th.r_derived and (test.z or 0.0) >= th.z_derived and test.exceeds_all)
+    observed, null = _mantel(ga, gb, perms)
+    test, cleared = _decide(observed, null, f"relabellings of the model's units (rows), {draws} draws", seed)
     return GramTest(pair.base_name, pair.layer, s, test, cleared)
+
+
+def value_test(base, model, pair: PairSpec, norm: PairSpec | None, head_dim: int, *, seed: int,
+               draws: int = DRAWS) -> GramTest:
+    """The Mantel test of a value projection's row Grams. Its rows are grouped by head (the heads' attention
+    patterns differ), so they are not exchangeable as a whole: the heads are paired first, on signatures that no
+    relabelling inside a head changes (each head's sorted row-Gram entries), and the null relabels rows inside
+    their head only. Tests up to ROWS rows of paired heads."""
+    n = pair.shape[0]
+    n_heads = n // head_dim
+    every = np.arange(n)
+    xa = read_rows(base, replace(pair, base_cols=None), every, side="base")
+    xb = read_rows(model, replace(pair, col_map=None, col_sign=None, col_scale=None), every, side="model")
+    ea = xa.float() * _fold(_vector(base, norm.base_name if norm is not None else None), xa.shape[1])
+    eb = xb.float() * _fold(_vector(model, norm.cand_name if norm is not None else None), xb.shape[1])
+    ha, hb = ea.view(n_heads, head_dim, -1), eb.view(n_heads, head_dim, -1)
+    iu = torch.triu_indices(head_dim, head_dim)
+    sig_a = (ha @ ha.transpose(1, 2))[:, iu[0], iu[1]].double().sort(1).values.numpy()
+    sig_b = (hb @ hb.transpose(1, 2))[:, iu[0], iu[1]].double().sort(1).values.numpy()
+    cost = (sig_a * sig_a).sum(1)[:, None] + (sig_b * sig_b).sum(1)[None, :] - 2.0 * sig_a @ sig_b.T
+    rows, cols = linear_sum_assignment(cost)
+    match = cols[np.argsort(rows)]
+    rng = np.random.default_rng([seed, 0x7A1, n, pair.shape[1], pair.layer or 0])
+    k = max(1, min(n_heads, ROWS // head_dim))
+    heads = np.sort(rng.choice(n_heads, size=k, replace=False))
+    ra = torch.cat([ha[h] for h in heads])
+    rb = torch.cat([hb[int(match[h])] for h in heads])
+    s = ra.shape[0]
+    # relabel rows inside each tested head: block offset + a permutation of the head's rows, per draw
+    inner = np.argsort(rng.random((draws, k, head_dim)), axis=2) + (np.arange(k) * head_dim)[None, :, None]
+    perms = torch.from_numpy(inner.reshape(draws, s))
+    observed, null = _mantel((ra @ ra.T).double(), (rb @ rb.T).double(), perms)
+    test, cleared = _decide(observed, null, f"relabellings of the model's value rows inside their (paired) head, "
+                            f"{draws} draws", seed)
+    return GramTest(pair.base_name, pair.layer, s, test, cleared, pair.cand_name,
+                    tuple((int(h), int(match[h])) for h in heads))
 
 
 def _router_signatures(src, pair: PairSpec, norm: PairSpec | None, side: str) -> np.ndarray:
@@ -244,9 +321,28 @@ def _through(pair: PairSpec, by_expert: dict, pairing: dict[int, np.ndarray]) ->
     return replace(pair, cand_name=other.cand_name, cand_rows=other.cand_rows)
 
 
+def _values(plan: AlignmentPlan, config: dict) -> tuple[list[PairSpec], int]:
+    """The value projections to test (spread over the layers) and the head dim, from the config and the shapes."""
+    from hf_provenance.alignment.units import _attn_config
+
+    cfg = _attn_config(config)
+    heads, hidden = cfg.get("num_attention_heads"), cfg.get("hidden_size")
+    head_dim = cfg.get("head_dim") or (hidden // heads if isinstance(hidden, int) and isinstance(heads, int)
+                                       and heads else None)
+    n_kv = cfg.get("num_key_value_heads") or heads
+    if not isinstance(head_dim, int) or not isinstance(n_kv, int) or head_dim < 4:
+        return [], 0
+    found = [p for p in plan.pairs if p.key.role == "attn_v" and p.key.expert is None
+             and getattr(p.key, "part", "weight") == "weight" and len(p.shape) == 2 and not any(p.transposed)
+             and p.shape[0] == n_kv * head_dim and p.shape[0] <= MAX_VALUE_ROWS]
+    if len(found) > MAX_VALUE_TENSORS:
+        found = [found[i] for i in np.unique(np.linspace(0, len(found) - 1, MAX_VALUE_TENSORS).round().astype(int))]
+    return found, head_dim
+
+
 def rotation_check(base, model, plan: AlignmentPlan, *, seed: int = 0) -> RotationCheck:
     """Test whether the model is a residual-rotated copy of the base (module docstring); reads ≤ MAX_TENSORS × ROWS
-    rows a side, and the routers of the MoE layers tested."""
+    rows a side, the routers of the MoE layers tested and ≤ MAX_VALUE_TENSORS value projections."""
     norms = _norms(plan)
     readers = _readers(plan)
     moe_layers = {p.key.layer for p in readers if p.key.expert is not None}
@@ -254,11 +350,15 @@ def rotation_check(base, model, plan: AlignmentPlan, *, seed: int = 0) -> Rotati
     by_expert = {(p.key.role, p.key.layer, p.key.expert): p for p in plan.pairs
                  if p.key.expert is not None and p.key.role in READERS}
     readers = [_through(p, by_expert, pairing) for p in readers]
-    _announce(base, model, readers, seed)
+    values, head_dim = _values(plan, base.config or {})
+    blocks = [(p, int(pos[0]), int(pos[-1]) + 1) for p in readers for pos in [_rows(p, seed)[1]]]
+    _announce(base, model, blocks + [(p, 0, p.shape[0]) for p in values])
     tests = []
     for p in readers:
         t = gram_test(base, model, p, norms.get((READERS[p.key.role], p.key.layer)), seed=seed)
         tests.append(replace(t, model_name=p.cand_name))
+    for p in values:
+        tests.append(value_test(base, model, p, norms.get(("attn_norm", p.key.layer)), head_dim, seed=seed))
     moved = sum(int((m != np.arange(len(m))).sum()) for m in pairing.values())
     return RotationCheck(tuple(tests), tuple(sorted(pairing)), moved)
 
