@@ -62,8 +62,9 @@ DRAW_CHUNK = 16       # relabellings gathered at once (16 × s² floats)
 MIN_CLEARED = 2
 MAX_VALUE_TENSORS = 4  # value projections tested per comparison (every row is read: all heads are paired)
 MAX_VALUE_ROWS = 4096  # ... when they have at most this many rows
-# MLP readers (rows = units, an arbitrary axis) and the norm whose weights multiply their columns
-READERS: dict[str, str] = {  # value projections are tested apart (``value_test``), with attn_norm
+# MLP readers (rows = units, an arbitrary axis) and the norm whose weights multiply their columns; value projections
+# are tested apart (``value_test``, with attn_norm)
+READERS: dict[str, str] = {
     "ffn_gate": "ffn_norm", "ffn_up": "ffn_norm",
     "ffn_gate_shexp": "ffn_norm", "ffn_up_shexp": "ffn_norm",
     "ffn_gate_exp": "ffn_norm", "ffn_up_exp": "ffn_norm",
@@ -79,6 +80,9 @@ HEAD_METHOD = ("value heads paired by linear assignment on each head's sorted ro
 
 @dataclass(frozen=True)
 class GramTest:
+    """One reader pair's Mantel test (``name``: the base tensor; ``model_name``: the model tensor it was paired
+    with)."""
+
     name: str
     layer: int | None
     rows: int
@@ -99,6 +103,8 @@ class GramTest:
 
 @dataclass(frozen=True)
 class RotationCheck:
+    """Every test of one comparison, the pairings they used, and the decision (``rotated``)."""
+
     tests: tuple[GramTest, ...]
     expert_layers: tuple[int, ...] = ()      # MoE layers whose experts were paired through their routers
     experts_moved: int = 0                   # base experts paired with a model expert of another index
