@@ -425,3 +425,42 @@ def test_build_random_parameter_count_matches_transformers():
     expected = sum(p.numel() for p in model.state_dict().values())
     assert recipes.parameter_count("deepseek_v3", cfg.to_dict()) == expected
 
+
+
+def test_atomic_writes_get_a_new_file_s_mode_or_keep_the_replaced_file_s(tmp_path):
+    """Reports and cards are written through a 0600 temporary file: the result must not stay private."""
+    import os
+    import stat
+
+    from hf_provenance.atomic import write_text
+
+    old = os.umask(0o022)
+    try:
+        write_text(tmp_path / "report.json", "{}")
+        assert stat.S_IMODE((tmp_path / "report.json").stat().st_mode) == 0o644
+        card = tmp_path / "README.md"
+        card.write_text("# model\n")
+        card.chmod(0o640)
+        write_text(card, "# model\n\nprovenance\n")
+        assert stat.S_IMODE(card.stat().st_mode) == 0o640 and card.read_text().endswith("provenance\n")
+        os.umask(0o077)
+        write_text(tmp_path / "private.json", "{}")
+        assert stat.S_IMODE((tmp_path / "private.json").stat().st_mode) == 0o600
+    finally:
+        os.umask(old)
+
+
+def test_factory_folders_are_not_left_private(tmp_path):
+    """Built through a 0700 temporary directory, a model folder gets a new directory's mode (shared caches)."""
+    import os
+    import stat
+
+    from hf_provenance.factory.build import build_random
+
+    old = os.umask(0o022)
+    try:
+        out = build_random("llama", tmp_path / "m", hidden=64, layers=1, intermediate=128, vocab=256)
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(out.stat().st_mode) == 0o755
+    assert all(stat.S_IMODE(f.stat().st_mode) & 0o044 == 0o044 for f in out.iterdir())

@@ -32,6 +32,7 @@ from typing import Any, Iterator
 
 import torch
 
+from hf_provenance.atomic import publish_dir
 from hf_provenance.factory import recipes
 from hf_provenance.factory import tokenizer as tokenizers_
 from hf_provenance.factory import transforms as transforms_
@@ -96,6 +97,7 @@ def build(family: str, variant: str = "base", *, seed: int = 0, cache_dir: str |
                      "tokenizer_style": rec["recipe"]["tokenizer"],
                      "build_seconds": round(time.perf_counter() - start, 3)})
         transforms_._write_meta(tmp, meta)
+        publish_dir(tmp)
         try:
             os.rename(tmp, final)
         except OSError:
@@ -317,6 +319,7 @@ def build_random(family: str, out_dir: str | Path, *, hidden: int, layers: int, 
                                       "parameters": params, "tokenizer_style": spec["tokenizer"], "truth": None})
         if out.exists():
             out.rmdir()
+        publish_dir(tmp)
         os.rename(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -19,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
 import re
 import shutil
 from dataclasses import dataclass, field
@@ -27,6 +28,7 @@ from typing import Any, Callable
 
 import torch
 
+from hf_provenance.atomic import new_file_mode
 from hf_provenance.factory import recipes
 from hf_provenance.factory import tokenizer as tokenizers_
 
@@ -1307,6 +1309,7 @@ class _ShardWriter:
             return
         path = self.folder / f".shard-{len(self.written):05d}.tmp"
         save_file(self.current, str(path), metadata={"format": "pt"})
+        os.chmod(path, new_file_mode())  # safetensors writes 0600: a checkpoint is not a secret
         self.written.append((path, sorted(self.current)))
         self.current, self.current_bytes = {}, 0
 
