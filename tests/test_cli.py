@@ -549,3 +549,19 @@ def test_allow_pickle_reads_weights_only_pickles(make, tmp_path, capsys):
     assert "refusing to unpickle" in capsys.readouterr().err
     assert main(["compare", str(folder), "--base", src, "--allow-pickle"]) == 0
     assert "IDENTICAL" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("fail_on, code", [(None, 0), ("identical", 1)])
+def test_a_reader_that_goes_away_still_gets_the_files_and_the_usual_exit_code(tmp_path, minilm, fail_on, code):
+    """`compare ... --json r.json | head -1`: the terminal report's reader leaves early. rich used to exit 1 there,
+    which means "--fail-on matched", and the JSON was never written."""
+    report = tmp_path / "r.json"
+    argv = ["compare", minilm, "--base", minilm, "--json", report] + (["--fail-on", fail_on] if fail_on else [])
+    proc = subprocess.Popen([sys.executable, "-m", "hf_provenance.cli.main", *map(str, argv)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=subprocess_env(), cwd=ROOT)
+    proc.stdout.close()  # the reader is gone before the first line is printed
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=120) == code, err
+    assert "Traceback" not in err and "Broken pipe" not in err and "BrokenPipe" not in err
+    assert strict_json(report.read_text())["comparisons"][0]["verdict"] == "identical"
+    assert ("--fail-on matched" in err) == (fail_on is not None)

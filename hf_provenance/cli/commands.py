@@ -59,9 +59,25 @@ def _emit(args: argparse.Namespace, doc: dict[str, Any], render: Callable[[dict,
     from hf_provenance.report.jsonout import dumps, write_json
 
     text = dumps(doc, where=args.json) if args.json else None
-    render(doc, _streams(args))
+    stream = _streams(args)
+    try:
+        render(doc, stream)
+        stream.flush()
+    except BrokenPipeError:  # `| head`: the report's reader left; the files asked for are still written
+        _detach(stream)
     if text is not None:
         write_json(args.json, text)
+
+
+def _detach(stream) -> None:
+    """Point a stream whose reader went away at /dev/null, so that later writes and the interpreter's last flush
+    do not fail again."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, stream.fileno())
+        os.close(devnull)
+    except (OSError, ValueError, AttributeError):  # not a real file (a test's StringIO): nothing to detach
+        pass
 
 
 def _command_line(args: argparse.Namespace) -> str:

@@ -10,12 +10,21 @@ from rich.console import Console
 from rich.table import Table
 
 
+class _Console(Console):
+    def on_broken_pipe(self) -> None:
+        """The reader went away (``| head``): stop printing and say so with BrokenPipeError, which the CLI turns
+        into "write the requested files, exit as usual". rich's own handler raised SystemExit(1), and 1 means
+        "--fail-on matched"."""
+        self.quiet = True
+        raise BrokenPipeError("the reader of the terminal report went away")
+
+
 def make_console(file=None) -> Console:
     file = file or sys.stdout
     tty = hasattr(file, "isatty") and file.isatty()
     width = None if tty else int(os.environ.get("COLUMNS", "100"))
-    return Console(file=file, force_terminal=tty, no_color=not tty or "NO_COLOR" in os.environ,
-                   width=width, highlight=False, soft_wrap=False, emoji=False)
+    return _Console(file=file, force_terminal=tty, no_color=not tty or "NO_COLOR" in os.environ,
+                    width=width, highlight=False, soft_wrap=False, emoji=False)
 
 
 def table(console: Console, *columns: str, title: str | None = None, justify: tuple[str, ...] = ()) -> Table:
