@@ -182,14 +182,23 @@ def test_every_tested_block_is_announced_before_the_first_read(wide, monkeypatch
                             or real(spans), raising=False)
     real_read = R.read_rows
     monkeypatch.setattr(R, "read_rows", lambda *a, **k: log.append(("read",)) or real_read(*a, **k))
+    vector_reads = []
+    real_vector = base.reader.read_rows
+    monkeypatch.setattr(base.reader, "read_rows", lambda name, *a: vector_reads.append(name) or real_vector(name, *a))
     check = rotation_check(base, model, plan, seed=3)
-    assert [e[0] for e in log[:2]] == ["base", "model"] and all(e[0] == "read" for e in log[2:])
-    announced = {side: set(spans) for side, spans in log[:2]}
+    first_read = next(i for i, e in enumerate(log) if e[0] == "read")
+    assert all(e[0] == "read" for e in log[first_read:])  # every announcement comes before the first read
+    announced = {side: {s for e in log[:first_read] if e[0] == side for s in e[1]} for side in ("base", "model")}
     for t in check.tests:
-        start = R._rows(next(p for p in plan.pairs if p.base_name == t.name), 3)[1][0]
-        assert (t.name, start, start + t.rows) in announced["base"] and (t.name, start, start + t.rows) in \
-            announced["model"]
-    assert len(log) == 2 + 2 * len(check.tests)
+        pair = next(p for p in plan.pairs if p.base_name == t.name)
+        start, stop = (0, pair.shape[0]) if t.heads is not None else (R._rows(pair, 3)[1][0], None)
+        stop = stop if stop is not None else start + t.rows
+        assert (t.name, start, stop) in announced["base"] and (t.name, start, stop) in announced["model"]
+    # the norm vectors folded into the rows are announced too, and each is read once (on the base side here)
+    norms = {p.base_name for p in R._norms(plan).values()}
+    assert norms and all((n, 0, 1) in announced["base"] for n in norms)
+    assert sorted(v for v in vector_reads if v in norms) == sorted(norms)
+    assert len(log) - first_read == 2 * len(check.tests)
 
 
 def test_rotated_copy_with_shuffled_experts_is_paired_through_its_routers(moe):

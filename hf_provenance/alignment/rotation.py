@@ -162,21 +162,41 @@ def _readers(plan: AlignmentPlan) -> list[PairSpec]:
     return [found[i] for i in pick]
 
 
-def _vector(src, name: str | None) -> torch.Tensor | None:
-    if name is None:
-        return None
-    return src.reader.read_rows(name, 0, 1).reshape(-1).float()
+class _Own:
+    """Rows of one side's matrices in that side's own residual basis (column maps, signs and fold scales are
+    irrelevant to E·Eᵀ), with that side's norm weights folded in; each norm vector is read once."""
+
+    def __init__(self, src, side: str):
+        self.src, self.side = src, side
+        self._vectors: dict[str, torch.Tensor] = {}
+
+    def _norm(self, norm: PairSpec | None) -> torch.Tensor | None:
+        if norm is None:
+            return None
+        name = norm.base_name if self.side == "base" else norm.cand_name
+        if name not in self._vectors:
+            self._vectors[name] = self.src.reader.read_rows(name, 0, 1).reshape(-1).float()
+        return self._vectors[name]
+
+    def rows(self, pair: PairSpec, pos: np.ndarray, norm: PairSpec | None) -> torch.Tensor:
+        """E = W·diag(g) for rows ``pos`` of the pair (g folded only when it fits the columns), float32."""
+        view = (replace(pair, base_cols=None) if self.side == "base" else
+                replace(pair, col_map=None, col_sign=None, col_scale=None))
+        x = read_rows(self.src, view, pos, side=self.side).float()
+        g = self._norm(norm)
+        return x * g if g is not None and g.numel() == x.shape[1] else x
 
 
-def _fold(g: torch.Tensor | None, n_cols: int) -> torch.Tensor | float:
-    """The norm weights to fold into rows of n_cols columns (1 when there are none, or they do not fit)."""
-    return g if g is not None and g.numel() == n_cols else 1.0
-
-
-def _gram(x: torch.Tensor, g: torch.Tensor | None) -> torch.Tensor:
-    """E·Eᵀ of rows x with the norm weights g folded into the columns (when they fit)."""
-    x = x.float() * _fold(g, x.shape[1])
+def _gram(x: torch.Tensor) -> torch.Tensor:
     return (x @ x.T).double()
+
+
+def _pair_signatures(sa: np.ndarray, sb: np.ndarray) -> np.ndarray:
+    """Row i of ``sa`` -> the row of ``sb`` it is paired with: linear assignment on squared distances (computed
+    without the (n, n, d) difference array)."""
+    cost = (sa * sa).sum(1)[:, None] + (sb * sb).sum(1)[None, :] - 2.0 * sa @ sb.T
+    rows, cols = linear_sum_assignment(cost)
+    return cols[np.argsort(rows)]
 
 
 def _centred_offdiag(g: torch.Tensor) -> tuple[torch.Tensor, float]:
@@ -238,41 +258,36 @@ def _decide(observed: float, null: np.ndarray, method: str, seed: int) -> tuple[
     return test, bool(observed >= th.r_derived and (test.z or 0.0) >= th.z_derived and test.exceeds_all)
 
 
-def gram_test(base, model, pair: PairSpec, norm: PairSpec | None, *, seed: int, draws: int = DRAWS) -> GramTest:
+def gram_test(base, model, pair: PairSpec, norm: PairSpec | None, *, seed: int, draws: int = DRAWS,
+              own: tuple[_Own, _Own] | None = None) -> GramTest:
     """The Mantel test of one reader pair's row Grams (module docstring)."""
+    own_a, own_b = own or (_Own(base, "base"), _Own(model, "model"))
     rng, pos = _rows(pair, seed)
     s = len(pos)
-    # each side in its own residual basis: column maps, signs and fold scales are irrelevant to E·Eᵀ
-    xa = read_rows(base, replace(pair, base_cols=None), pos, side="base")
-    xb = read_rows(model, replace(pair, col_map=None, col_sign=None, col_scale=None), pos, side="model")
-    ga = _gram(xa, _vector(base, norm.base_name if norm is not None else None))
-    gb = _gram(xb, _vector(model, norm.cand_name if norm is not None else None))
     perms = torch.from_numpy(np.argsort(rng.random((draws, s)), axis=1))
-    observed, null = _mantel(ga, gb, perms)
+    observed, null = _mantel(_gram(own_a.rows(pair, pos, norm)), _gram(own_b.rows(pair, pos, norm)), perms)
     test, cleared = _decide(observed, null, f"relabellings of the model's units (rows), {draws} draws", seed)
     return GramTest(pair.base_name, pair.layer, s, test, cleared)
 
 
 def value_test(base, model, pair: PairSpec, norm: PairSpec | None, head_dim: int, *, seed: int,
-               draws: int = DRAWS) -> GramTest:
+               draws: int = DRAWS, own: tuple[_Own, _Own] | None = None) -> GramTest:
     """The Mantel test of a value projection's row Grams. Its rows are grouped by head (the heads' attention
     patterns differ), so they are not exchangeable as a whole: the heads are paired first, on signatures that no
     relabelling inside a head changes (each head's sorted row-Gram entries), and the null relabels rows inside
     their head only. Tests up to ROWS rows of paired heads."""
+    own_a, own_b = own or (_Own(base, "base"), _Own(model, "model"))
     n = pair.shape[0]
     n_heads = n // head_dim
     every = np.arange(n)
-    xa = read_rows(base, replace(pair, base_cols=None), every, side="base")
-    xb = read_rows(model, replace(pair, col_map=None, col_sign=None, col_scale=None), every, side="model")
-    ea = xa.float() * _fold(_vector(base, norm.base_name if norm is not None else None), xa.shape[1])
-    eb = xb.float() * _fold(_vector(model, norm.cand_name if norm is not None else None), xb.shape[1])
-    ha, hb = ea.view(n_heads, head_dim, -1), eb.view(n_heads, head_dim, -1)
+    ha = own_a.rows(pair, every, norm).view(n_heads, head_dim, -1)
+    hb = own_b.rows(pair, every, norm).view(n_heads, head_dim, -1)
     iu = torch.triu_indices(head_dim, head_dim)
-    sig_a = (ha @ ha.transpose(1, 2))[:, iu[0], iu[1]].double().sort(1).values.numpy()
-    sig_b = (hb @ hb.transpose(1, 2))[:, iu[0], iu[1]].double().sort(1).values.numpy()
-    cost = (sig_a * sig_a).sum(1)[:, None] + (sig_b * sig_b).sum(1)[None, :] - 2.0 * sig_a @ sig_b.T
-    rows, cols = linear_sum_assignment(cost)
-    match = cols[np.argsort(rows)]
+
+    def signatures(h):
+        return (h @ h.transpose(1, 2))[:, iu[0], iu[1]].double().sort(1).values.numpy()
+
+    match = _pair_signatures(signatures(ha), signatures(hb))
     rng = np.random.default_rng([seed, 0x7A1, n, pair.shape[1], pair.layer or 0])
     k = max(1, min(n_heads, ROWS // head_dim))
     heads = np.sort(rng.choice(n_heads, size=k, replace=False))
@@ -282,38 +297,29 @@ def value_test(base, model, pair: PairSpec, norm: PairSpec | None, head_dim: int
     # relabel rows inside each tested head: block offset + a permutation of the head's rows, per draw
     inner = np.argsort(rng.random((draws, k, head_dim)), axis=2) + (np.arange(k) * head_dim)[None, :, None]
     perms = torch.from_numpy(inner.reshape(draws, s))
-    observed, null = _mantel((ra @ ra.T).double(), (rb @ rb.T).double(), perms)
+    observed, null = _mantel(_gram(ra), _gram(rb), perms)
     test, cleared = _decide(observed, null, f"relabellings of the model's value rows inside their (paired) head, "
                             f"{draws} draws", seed)
     return GramTest(pair.base_name, pair.layer, s, test, cleared, pair.cand_name,
                     tuple((int(h), int(match[h])) for h in heads))
 
 
-def _router_signatures(src, pair: PairSpec, norm: PairSpec | None, side: str) -> np.ndarray:
-    """Each expert's router row: its sorted inner products with every router row of the layer, norm folded."""
-    if side == "base":
-        rows, g = replace(pair, base_cols=None), _vector(src, None if norm is None else norm.base_name)
-    else:
-        rows = replace(pair, col_map=None, col_sign=None, col_scale=None)
-        g = _vector(src, None if norm is None else norm.cand_name)
-    return np.sort(_gram(read_rows(src, rows, np.arange(pair.shape[0]), side=side), g).numpy(), axis=1)
-
-
-def _expert_pairing(base, model, plan: AlignmentPlan, layers: set, norms: dict) -> dict[int, np.ndarray]:
-    """Per MoE layer: base expert e -> model expert index, from the routers (module docstring)."""
+def _expert_pairing(own: tuple[_Own, _Own], plan: AlignmentPlan, layers: set, norms: dict
+                    ) -> dict[int, np.ndarray]:
+    """Per MoE layer: base expert e -> model expert index, from the routers (module docstring): each expert's
+    signature is its router row's sorted inner products with every router row of the layer, norm folded."""
     out = {}
-    for p in plan.pairs:
-        if p.key.role != "ffn_gate_inp" or p.key.layer not in layers or len(p.shape) != 2 or any(p.transposed):
-            continue
-        if getattr(p.key, "part", "weight") != "weight" or p.base_rows is not None or p.cand_rows is not None:
-            continue
+    for p in _routers(plan, layers):
         norm = norms.get(("ffn_norm", p.key.layer))
-        sa, sb = (_router_signatures(src, p, norm, side) for src, side in ((base, "base"), (model, "model")))
-        # squared distances of the signatures, without the (E, E, E) difference array
-        cost = (sa * sa).sum(1)[:, None] + (sb * sb).sum(1)[None, :] - 2.0 * sa @ sb.T
-        rows, cols = linear_sum_assignment(cost)
-        out[p.key.layer] = cols[np.argsort(rows)]
+        sa, sb = (np.sort(_gram(o.rows(p, np.arange(p.shape[0]), norm)).numpy(), axis=1) for o in own)
+        out[p.key.layer] = _pair_signatures(sa, sb)
     return out
+
+
+def _routers(plan: AlignmentPlan, layers: set) -> list[PairSpec]:
+    return [p for p in plan.pairs if p.key.role == "ffn_gate_inp" and p.key.layer in layers and len(p.shape) == 2
+            and not any(p.transposed) and getattr(p.key, "part", "weight") == "weight"
+            and p.base_rows is None and p.cand_rows is None]
 
 
 def _through(pair: PairSpec, by_expert: dict, pairing: dict[int, np.ndarray]) -> PairSpec:
@@ -348,23 +354,28 @@ def _values(plan: AlignmentPlan, config: dict) -> tuple[list[PairSpec], int]:
 
 def rotation_check(base, model, plan: AlignmentPlan, *, seed: int = 0) -> RotationCheck:
     """Test whether the model is a residual-rotated copy of the base (module docstring); reads ≤ MAX_TENSORS × ROWS
-    rows a side, the routers of the MoE layers tested and ≤ MAX_VALUE_TENSORS value projections."""
+    rows a side, the routers of the MoE layers tested and ≤ MAX_VALUE_TENSORS value projections, each block
+    announced before it is read."""
+    own = (_Own(base, "base"), _Own(model, "model"))
     norms = _norms(plan)
     readers = _readers(plan)
+    values, head_dim = _values(plan, base.config or {})
     moe_layers = {p.key.layer for p in readers if p.key.expert is not None}
-    pairing = _expert_pairing(base, model, plan, moe_layers, norms) if moe_layers else {}
+    routers = _routers(plan, moe_layers)
+    _announce(base, model, [(p, 0, p.shape[0]) for p in routers] + [(p, 0, 1) for p in norms.values()])
+    pairing = _expert_pairing(own, plan, moe_layers, norms) if moe_layers else {}
     by_expert = {(p.key.role, p.key.layer, p.key.expert): p for p in plan.pairs
                  if p.key.expert is not None and p.key.role in READERS}
     readers = [_through(p, by_expert, pairing) for p in readers]
-    values, head_dim = _values(plan, base.config or {})
     blocks = [(p, int(pos[0]), int(pos[-1]) + 1) for p in readers for pos in [_rows(p, seed)[1]]]
     _announce(base, model, blocks + [(p, 0, p.shape[0]) for p in values])
     tests = []
     for p in readers:
-        t = gram_test(base, model, p, norms.get((READERS[p.key.role], p.key.layer)), seed=seed)
+        t = gram_test(base, model, p, norms.get((READERS[p.key.role], p.key.layer)), seed=seed, own=own)
         tests.append(replace(t, model_name=p.cand_name))
     for p in values:
-        tests.append(value_test(base, model, p, norms.get(("attn_norm", p.key.layer)), head_dim, seed=seed))
+        tests.append(value_test(base, model, p, norms.get(("attn_norm", p.key.layer)), head_dim, seed=seed,
+                                own=own))
     moved = sum(int((m != np.arange(len(m))).sum()) for m in pairing.values())
     return RotationCheck(tuple(tests), tuple(sorted(pairing)), moved)
 
