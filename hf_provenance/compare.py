@@ -76,7 +76,7 @@ def _residual_search(plan, base, model, facts, *, seed, sample, lines, layered):
         return None, None, 0
     covered = residual_axis_params(plan, emb.n_cols)
     flips = f", {fit.flips} sign flips" if fit.sign is not None else ""
-    if fit.is_identity:
+    if fit.is_identity and fit.heldout_r is not None:  # (an all-zero embedding "maps" to the identity too)
         lines.append(f"residual permutation: identity recovered for {fit.identity_share:.0%} of {emb.n_cols} dims "
                      f"(held-out r = {fit.heldout_r:.3f})")
         return None, fit, covered
@@ -251,7 +251,8 @@ def compare_one(model, base, *, sample: float | None, seed: int, device: str, pr
             verdict = rotated_verdict(verdict, check, th)
     overall = aggregate.group("overall", [t for t in tensors if t.evidence], th)
     n_layers = max(lay_b, lay_m, 1)
-    mean_layer_cos = float(np.mean([g.cos_mean for g in layers if g.cos_mean is not None])) if layers else None
+    layer_cos = [g.cos_mean for g in layers if g.cos_mean is not None]  # none where every layer is all zeros
+    mean_layer_cos = float(np.mean(layer_cos)) if layer_cos else None
     emb = _emb(tensors)
     emb_cos = emb[0].cosine.value if emb else None
     bytes_model = model.reader.bytes_read - read0[0]

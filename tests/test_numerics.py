@@ -61,6 +61,52 @@ def test_nan_inf_zero_constant_and_denormal_tensors(pair, tmp_path):
     assert o["pearson"]["value"] is not None and o["pearson"]["value"] > 0.9  # scale-free: denormals still correlate
 
 
+@pytest.mark.parametrize("sample", [None, 0.1])
+def test_all_zero_checkpoints_give_defined_reports(pair, tmp_path, sample):
+    """Every tensor zero (a placeholder upload, a sparse file): no layer has a defined cosine, and the mean layer
+    cosine had become NaN (the JSON was refused as a bug, exit 3). Zero against zero is bit-equal: identical;
+    zero against a trained model has no evidence either way: inconclusive, never derived or independent."""
+    base, _ = pair
+    zero = _edit(base, tmp_path / "zero", lambda n, v: torch.zeros_like(v))
+    zero2 = shutil.copytree(zero, tmp_path / "zero2")
+    c = _strict_json(compare(str(zero2), [zero], sample=sample))
+    assert c["verdict"] == "identical"
+    assert c["rule_of_thumb"]["mean_layer_cosine"] is None
+    c = _strict_json(compare(zero, [base], sample=sample))
+    assert c["verdict"] == "inconclusive"
+    assert all(t["pearson"]["value"] is None and not t["evidence"] for t in c["tensors"])
+    argv = ["compare", str(zero2), "--base", zero, "--json", str(tmp_path / "r.json")]
+    assert main(argv + (["--sample", str(sample)] if sample else [])) == 0
+    assert json.loads((tmp_path / "r.json").read_text())["comparisons"][0]["verdict"] == "identical"
+
+
+def test_nan_elements_match_only_nan(pair, tmp_path):
+    """Non-finite elements are left out of the sums (set to 0 on both sides); those zeros had been counted as equal
+    elements, so a model whose every weight is NaN came out `identical` to its base. Now an element is equal only
+    when both sides hold it (NaN with NaN): a copy that carries the base's NaNs is still identical."""
+    base, _ = pair
+    nan = _edit(base, tmp_path / "nan", lambda n, v: torch.full_like(v, float("nan")))
+    for sample in (None, 0.1):
+        c = _strict_json(compare(nan, [base], sample=sample))
+        assert c["verdict"] == "inconclusive", c["reasons"]
+        assert all(t["frac_equal"] == 0 and not t["bit_equal"] for t in c["tensors"])
+
+    def holes(name, v):
+        v = v.clone()
+        v.view(-1)[::7] = float("nan")
+        v.view(-1)[3::11] = float("inf")
+        return v
+
+    holed = _edit(base, tmp_path / "holed", holes)
+    twin = shutil.copytree(holed, tmp_path / "twin")
+    c = _strict_json(compare(str(twin), [holed]))
+    assert c["verdict"] == "identical" and all(t["frac_equal"] == 1 for t in c["tensors"])
+    c = _strict_json(compare(holed, [base]))  # the base's values where the model has holes: not equal there
+    assert c["verdict"] == "derived" and all(t["frac_equal"] < 1 for t in c["tensors"])
+    norm = next(t for t in c["tensors"] if t["name"].endswith("layers.0.input_layernorm.weight"))
+    assert norm["cosine"]["value"] is not None and any("NaN/Inf" in n for n in norm["notes"])
+
+
 def test_mixed_dtypes_between_the_two_models(pair, tmp_path):
     base, ft = pair
     half = _edit(ft, tmp_path / "f16", lambda n, v: v.half() if v.is_floating_point() else v)

@@ -252,7 +252,7 @@ def _read_sketch(source, name: str, rows: np.ndarray, cols: int, residual=None, 
         reps = rows // hidden
         idx = reps * hidden + residual.perm[rows % hidden]
         sign_rows = None if residual.sign is None else residual.sign[rows % hidden]
-    x = read_indexed(source.reader, name, idx, 0, len(idx), raw=False).reshape(len(idx), -1).double()
+    x = read_indexed(source.reader, name, idx, 0, len(idx), raw=False, finite=True).reshape(len(idx), -1).double()
     if residual is not None and role in _RESIDUAL_IN and cols == hidden:
         x = x[:, torch.from_numpy(residual.perm)]
         if residual.sign is not None:

@@ -19,6 +19,7 @@ import torch
 
 from hf_provenance.alignment.identity import keyed
 from hf_provenance.measurement.sampling import draw
+from hf_provenance.measurement.stream import read_indexed
 
 R2_MERGE = 0.99          # the combination explains the model almost exactly ...
 RESIDUAL_RATIO = 0.5     # ... and leaves at most half the residual of the best single base
@@ -79,8 +80,9 @@ def gram_sums(model, bases: list, *, fraction: float | None = None, seed: int = 
         g, c, mm = np.zeros((k, k)), np.zeros(k), 0.0
         rng = np.random.default_rng([seed, zlib.crc32(mname.encode())])
         for s, e in draw(info.n_rows, info.row_bytes, fraction, rng).blocks:
-            m = model.reader.read_rows(mname, s, e).reshape(-1).double()
-            bs = torch.stack([b.reader.read_rows(n, s, e).reshape(-1).double() for b, n in zip(bases, names)])
+            m = read_indexed(model.reader, mname, None, s, e, raw=False, finite=True).reshape(-1).double()
+            bs = torch.stack([read_indexed(b.reader, n, None, s, e, raw=False, finite=True).reshape(-1).double()
+                              for b, n in zip(bases, names)])
             g += (bs @ bs.T).numpy()
             c += (bs @ m).numpy()
             mm += float(m @ m)

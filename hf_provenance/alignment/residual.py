@@ -70,8 +70,8 @@ def _rows(pair: PairSpec, positions: np.ndarray, base, model, chunk: int = 2048)
         pos = positions[s:s + chunk]
         ib = pos if pair.base_rows is None else np.asarray(pair.base_rows)[pos]
         im = pos if pair.cand_rows is None else np.asarray(pair.cand_rows)[pos]
-        a = read_indexed(base.reader, pair.base_name, ib, 0, len(ib), raw=False)
-        b = read_indexed(model.reader, pair.cand_name, im, 0, len(im), raw=False)
+        a = read_indexed(base.reader, pair.base_name, ib, 0, len(ib), raw=False, finite=True)
+        b = read_indexed(model.reader, pair.cand_name, im, 0, len(im), raw=False, finite=True)
         yield a.reshape(len(ib), -1), b.reshape(len(im), -1)
 
 

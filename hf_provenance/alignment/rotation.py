@@ -50,6 +50,7 @@ from hf_provenance.alignment import nulls as N
 from hf_provenance.alignment.assignment import linear_sum_assignment
 from hf_provenance.alignment.plan import AlignmentPlan, PairSpec
 from hf_provenance.alignment.units import read_rows
+from hf_provenance.measurement.stream import read_indexed
 from hf_provenance.measurement.readahead import _row_spans
 from hf_provenance.statistics.effects import _clean
 from hf_provenance.statistics.thresholds import load as load_thresholds
@@ -175,7 +176,7 @@ class _Own:
             return None
         name = norm.base_name if self.side == "base" else norm.cand_name
         if name not in self._vectors:
-            self._vectors[name] = self.src.reader.read_rows(name, 0, 1).reshape(-1).float()
+            self._vectors[name] = read_indexed(self.src.reader, name, None, 0, 1, raw=False, finite=True).reshape(-1)
         return self._vectors[name]
 
     def rows(self, pair: PairSpec, pos: np.ndarray, norm: PairSpec | None) -> torch.Tensor:

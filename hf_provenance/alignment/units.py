@@ -210,7 +210,7 @@ def grouped_subset(sim: np.ndarray, r_model: int, r_base: int) -> tuple[np.ndarr
 # ---------------------------------------------------------------------------------------------------------------
 
 def read_rows(src, pair: PairSpec, positions: np.ndarray, *, side: str) -> torch.Tensor:
-    """Rows ``positions`` of the pair's compared view, float32, in the base's index space.
+    """Rows ``positions`` of the pair's compared view, float32 (NaN/Inf read as 0), in the base's index space.
 
     side "base": base rows (through ``base_rows``), columns through ``base_cols``; side "model": candidate rows
     through ``cand_rows``, then the column map, column signs, column scales and row signs, exactly as the
@@ -219,10 +219,10 @@ def read_rows(src, pair: PairSpec, positions: np.ndarray, *, side: str) -> torch
     positions = np.asarray(positions, dtype=np.int64)
     if side == "base":
         idx = positions if pair.base_rows is None else np.asarray(pair.base_rows)[positions]
-        x = read_indexed(src.reader, pair.base_name, idx, 0, len(idx), raw=False).reshape(len(idx), -1)
+        x = read_indexed(src.reader, pair.base_name, idx, 0, len(idx), raw=False, finite=True).reshape(len(idx), -1)
         return x if pair.base_cols is None else x[:, torch.from_numpy(np.asarray(pair.base_cols, dtype=np.int64))]
     idx = positions if pair.cand_rows is None else np.asarray(pair.cand_rows)[positions]
-    x = read_indexed(src.reader, pair.cand_name, idx, 0, len(idx), raw=False).reshape(len(idx), -1)
+    x = read_indexed(src.reader, pair.cand_name, idx, 0, len(idx), raw=False, finite=True).reshape(len(idx), -1)
     if pair.col_map is not None:
         x = x[:, torch.from_numpy(np.asarray(pair.col_map, dtype=np.int64))]
     if pair.col_sign is not None:

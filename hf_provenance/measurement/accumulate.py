@@ -264,6 +264,13 @@ class PairAccumulator:
             fin = torch.isfinite(sa.raw) & torch.isfinite(sb.raw)
             out = self.measure(torch.where(fin, sa.raw, 0.0), torch.where(fin, sb.raw, 0.0), blocks=nb, _masked=True)
             out.nonfinite = int(fin.numel() - fin.sum())
+            # the zeros put in their place matched each other: an element counts as equal only when both sides
+            # hold the same value (NaN with NaN), so a model of NaNs is never "identical" to its base
+            masked = ~fin
+            out.equal += int((masked & _same(sa.raw, sb.raw)).sum()) - out.nonfinite
+            if self.cast_dtype is not None:
+                cast = sa.raw.to(self.cast_dtype).float()
+                out.cast_equal += int((masked & _same(cast, sb.raw)).sum()) - out.nonfinite
             return out
         saa, sbb, sab, s_a, s_b, rab, raa, rbb = per_block
         scalars = np.stack([np.full(nb, float(k)), s_a, s_b, saa, sbb, sab, rab, raa, rbb], axis=1)  # (B, SCALARS)
@@ -331,6 +338,11 @@ def _sketch_matrix(n_cols: int, seed: int, device: str) -> tuple[torch.Tensor, t
 def _ones(k: int, blocks: int, device: torch.device) -> torch.Tensor:
     """(blocks, 1, k) ones, shared (never written): the left factor of per-block column sums."""
     return torch.ones(blocks, 1, k, device=device)
+
+
+def _same(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Elementwise: equal values, NaN counting as equal to NaN (as their stored bytes would)."""
+    return (x == y) | (torch.isnan(x) & torch.isnan(y))
 
 
 def _block_dots(x: torch.Tensor, y: torch.Tensor, blocks: int) -> torch.Tensor:

@@ -69,11 +69,19 @@ def _runs(idx: np.ndarray) -> list[tuple[int, int, int]]:
 
 
 def read_indexed(reader, name: str, idx: np.ndarray | None, start: int, stop: int, *, raw: bool,
-                 copy: bool = True) -> torch.Tensor:
+                 copy: bool = True, finite: bool = False) -> torch.Tensor:
     """Rows idx[start:stop] (or rows start..stop when idx is None), coalescing contiguous runs into single reads.
 
     ``copy=False`` (raw contiguous reads only) may return a view of the reader's buffer, valid until its next read.
+    ``finite`` (decoded rows only): NaN and ±Inf read as 0, as the measurement leaves them out of its sums; the
+    alignment searches read this way (one NaN had made a linear assignment refuse its whole cost matrix).
     """
+    rows = _read_indexed(reader, name, idx, start, stop, raw=raw, copy=copy)
+    return torch.nan_to_num_(rows, nan=0.0, posinf=0.0, neginf=0.0) if finite and not raw else rows
+
+
+def _read_indexed(reader, name: str, idx: np.ndarray | None, start: int, stop: int, *, raw: bool,
+                  copy: bool) -> torch.Tensor:
     fetch = reader.read_raw if raw else reader.read_rows
     if idx is None:
         if raw and not copy:

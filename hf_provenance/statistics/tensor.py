@@ -145,8 +145,13 @@ def summarize(m: TensorMeasurement, *, seed: int = 0) -> TensorResult:
 
     cos = defined(cos_of(t, ca, cb))
     r = defined(r_of(t, ca, cb))
-    if pair.is_vector and m.vec_a is not None:  # exact, in float64
-        r = fx.ratio(*fx.vector_parts(_vec_sums(m.vec_a, m.vec_b), n))
+    va, vb = m.vec_a, m.vec_b
+    if va is not None:  # NaN/Inf elements are left out, as the block sums leave them out
+        fin = np.isfinite(va) & np.isfinite(vb)
+        if not fin.all():
+            va, vb = va[fin], vb[fin]
+    if pair.is_vector and va is not None:  # exact, in float64
+        r = fx.ratio(*fx.vector_parts(_vec_sums(va, vb), len(va))) if len(va) else None
     ci_r = ci_c = None
     if not m.sample.full and len(acc.blocks):
         strata, sizes = m.sample.strata, m.sample.stratum_sizes
@@ -165,8 +170,8 @@ def summarize(m: TensorMeasurement, *, seed: int = 0) -> TensorResult:
         notes.append("Pearson undefined: a zero or constant tensor (or row/column structure only)")
         evidence = False
     elif pair.is_vector:
-        if arbitrary and m.vec_a is not None and n >= 8:
-            p, z = fx.permutation_test_1d(m.vec_a, m.vec_b, n_perm=N_PERM, seed=seed)
+        if arbitrary and va is not None and len(va) >= 8:
+            p, z = fx.permutation_test_1d(va, vb, n_perm=N_PERM, seed=seed)
             null = f"Monte-Carlo permutation of the vector (K={N_PERM})"
         else:
             evidence = False
