@@ -565,3 +565,24 @@ def test_a_reader_that_goes_away_still_gets_the_files_and_the_usual_exit_code(tm
     assert "Traceback" not in err and "Broken pipe" not in err and "BrokenPipe" not in err
     assert strict_json(report.read_text())["comparisons"][0]["verdict"] == "identical"
     assert ("--fail-on matched" in err) == (fail_on is not None)
+
+
+def test_the_console_script_skips_teardown_but_runs_exit_handlers_and_flushes(tmp_path):
+    """``entry`` ends the process with os._exit after main: the code is kept, buffered output is flushed, atexit
+    handlers (temporary directories, thread joins) still run; a reader that went away changes nothing."""
+    marker = tmp_path / "ran"
+    prog = ("import atexit, sys\n"
+            f"atexit.register(lambda: open({str(marker)!r}, 'w').write('ran'))\n"
+            "sys.stdout.write('buffered, no newline')\n"
+            "from hf_provenance.cli.main import exit_now\n"
+            "exit_now(5)\n"
+            "raise SystemExit('not reached')\n")
+    env = {k: v for k, v in subprocess_env().items() if k != "PYTHONUNBUFFERED"}  # stdout block-buffered
+    proc = subprocess.run([sys.executable, "-c", prog], capture_output=True, env=env, cwd=ROOT)
+    assert proc.returncode == 5, proc.stderr
+    assert proc.stdout == b"buffered, no newline" and marker.read_text() == "ran"
+    proc = subprocess.Popen([sys.executable, "-c", prog.replace("'buffered, no newline'", "'x' * 4000")],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, cwd=ROOT)
+    proc.stdout.close()
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=60) == 5 and "Traceback" not in err, err

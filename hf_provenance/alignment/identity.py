@@ -28,7 +28,23 @@ def mapper_for(source) -> K.KeyMapper:
 
 
 def keyed(source) -> tuple[dict, list[str], list[str]]:
-    """canonical key -> tensor name for the comparable tensors; plus unknown names and skipped names."""
+    """canonical key -> tensor name for the comparable tensors; plus unknown names and skipped names.
+
+    Every alignment stage asks for this of both sides; it is worked out once per source (and again only if its
+    inventory or config object is replaced), and each caller gets its own copies. A 36k-tensor MoE checkpoint had
+    paid for its names' gguf lookups six times over."""
+    memo = getattr(source, "_keyed_memo", None)
+    if memo is None or memo[0] is not source.inventory or memo[1] is not source.config:
+        memo = (source.inventory, source.config, _keyed(source))
+        try:
+            source._keyed_memo = memo
+        except AttributeError:  # a source that takes no attributes is simply worked out each time
+            pass
+    out, unknown, skipped = memo[2]
+    return dict(out), list(unknown), list(skipped)
+
+
+def _keyed(source) -> tuple[dict, list[str], list[str]]:
     mapper = mapper_for(source)
     mapping, unknown = mapper.map_inventory(list(source.inventory))
     out, skipped = {}, []

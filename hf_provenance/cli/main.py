@@ -85,7 +85,26 @@ def main(argv: list[str] | None = None, *, process: bool = False) -> int:
 
 def entry() -> None:
     """The console script."""
-    sys.exit(main(process=True))
+    exit_now(main(process=True))
+
+
+def exit_now(code: int) -> None:
+    """End the process with ``code`` once the atexit handlers have run and stdout/stderr are flushed, skipping the
+    interpreter's teardown: freeing every module and object torch and the run created took 0.07-0.1 s of each
+    command (a sampled compare of a 2.6B MoE pair: 1.81 -> 1.70 s) and does nothing a finished process needs.
+    The handlers still run (temporary directories, joined worker threads, flushed logs); files this tool writes are
+    closed (atomically replaced) before ``main`` returns."""
+    import atexit
+
+    try:
+        atexit._run_exitfuncs()
+    finally:
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                stream.flush()
+            except (OSError, ValueError):  # a reader that went away ('| head'), a closed stream: nothing to flush
+                pass
+        os._exit(code)
 
 
 def _preload(modules: tuple[str, ...], *, freeze: bool) -> None:

@@ -140,6 +140,9 @@ class LocalSource:
         inventory: dict[str, TensorInfo] = {}
         owner: dict[str, str] = {}
         digests: dict[str, str] = {}
+        by_shard: dict[str, set[str]] = {}  # the index inverted once, not walked again for every shard
+        for tensor, shard in (layout.weight_map or {}).items():
+            by_shard.setdefault(shard, set()).add(tensor)
         for path in layout.weights:
             real = checked_file(path, layout.roots)
             header = read_header_file(real, where=path, file=path)
@@ -149,7 +152,7 @@ class LocalSource:
             self.header_metadata[rel] = header.metadata
             digests[rel] = _file_digest(rel, header.file_size, header.raw)
             if layout.weight_map is not None:
-                _check_shard(path, header.tensors, layout)
+                _check_shard(path, header.tensors, layout, by_shard.get(path, set()))
             for name, info in header.tensors.items():
                 if name in owner:
                     raise InputError(path, f"tensor {name!r} also appears in {owner[name]}")
@@ -270,8 +273,9 @@ def _read_index(index: str, layout: _Layout) -> dict[str, str]:
     if not weight_map:
         raise IndexError_(index, "weight_map is empty")
     out: dict[str, str] = {}
+    joined: dict[str, str | None] = {}  # a few shards for many tensors: each checked once
     for tensor, shard in weight_map.items():
-        path = join_inside(layout.folder, shard)
+        path = joined[shard] if shard in joined else joined.setdefault(shard, join_inside(layout.folder, shard))
         if path is None:
             problem = "is an absolute path" if os.path.isabs(shard) or shard.startswith(("/", "\\")) else \
                 "points outside the model folder"
@@ -287,10 +291,9 @@ def _read_index(index: str, layout: _Layout) -> dict[str, str]:
     return out
 
 
-def _check_shard(path: str, tensors: dict[str, TensorInfo], layout: _Layout) -> None:
-    """The index and the shard's header must name the same tensors."""
+def _check_shard(path: str, tensors: dict[str, TensorInfo], layout: _Layout, listed: set[str]) -> None:
+    """The index and the shard's header must name the same tensors (``listed``: the index's tensors for it)."""
     index_name = os.path.basename(layout.index or SAFE_INDEX)
-    listed = {t for t, shard in layout.weight_map.items() if shard == path}
     absent, unlisted = sorted(listed - tensors.keys()), sorted(tensors.keys() - listed)
     if absent:
         raise IndexError_(path, f"tensor {absent[0]!r} is listed for this shard in {index_name} but absent from it")
