@@ -846,3 +846,23 @@ def test_layout_matches_phi3_gate_up():
     g_idx, u_idx = (list(i) for i in split.indices(w.shape[layout_for("phi3").out_axis("ffn_gate_up", "weight", 2)]))
     want = (torch.nn.functional.silu(x @ w[g_idx].T) * (x @ w[u_idx].T)) @ mlp.down_proj.weight.detach().T
     torch.testing.assert_close(mlp(x), want)
+
+
+def test_keys_are_worked_out_once_per_source_and_each_caller_gets_its_own_copy(make, monkeypatch):
+    """Every alignment stage asks ``keyed`` for both sides; the names are resolved once per source (and again when
+    its inventory object is replaced), and a caller that edits what it got changes nothing for the next one."""
+    from hf_provenance.alignment import identity
+    from hf_provenance.sources import open_model
+
+    calls = []
+    real = identity.mapper_for
+    monkeypatch.setattr(identity, "mapper_for", lambda src: calls.append(src) or real(src))
+    src = open_model(make("llama"))
+    first = identity.keyed(src)
+    key = next(iter(first[0]))
+    first[0].clear()
+    first[2].append("edited")
+    second = identity.keyed(src)
+    assert len(calls) == 1 and key in second[0] and "edited" not in second[2]
+    src.inventory = dict(src.inventory)
+    assert identity.keyed(src)[0] == second[0] and len(calls) == 2
