@@ -17,7 +17,7 @@ from hf_provenance import __version__
 from hf_provenance.alignment.identity import identity_plan
 from hf_provenance.alignment.fused import layout_plan
 from hf_provenance.alignment.experts import expert_plan, experts_relayout
-from hf_provenance.alignment.layers import layer_plan
+from hf_provenance.alignment.layers import layer_plan, narrow, widen
 from hf_provenance.alignment.units import unit_plan
 from hf_provenance.alignment.widths import is_width_pruned, width_plan
 from hf_provenance.alignment.norms import norm_plan
@@ -86,7 +86,8 @@ def _residual_search(plan, base, model, facts, *, seed, sample, lines, layered):
             if again is not None:
                 plan = again[0]
                 lines += again[2]
-        new_plan, covered = apply_residual(plan, fit, emb.n_cols)
+        new_plan, covered = apply_residual(widen(plan), fit, emb.n_cols)  # layer-mapped pairs: all their rows
+        new_plan = narrow(new_plan)
         lines.append(f"residual permutation recovered for {emb.n_cols} dims{flips}: held-out embedding r = "
                      f"{fit.heldout_r:.3f} (identity map: {fit.heldout_r_identity:.3f}); applied to every layer")
         return new_plan, fit, covered
@@ -205,7 +206,9 @@ def compare_one(model, base, *, sample: float | None, seed: int, device: str, pr
                                   _residual_search(plan, base, model, facts, seed=seed, sample=sample,
                                                    lines=lines, layered=found is not None))
         extra = ["permuted"] if new_plan is not None else []
-        work = new_plan if new_plan is not None else plan
+        # the searches fit maps on whole tensors: layer-mapped pairs get back the rows their layer sketch read,
+        # and lose them again (on either side, through the maps found) before anything is measured
+        work = widen(new_plan if new_plan is not None else plan)
         searched, applied, repaired = 0, False, False
         steps = (expert_plan,) if settled else (expert_plan, unit_plan)
         steps += (width_plan,) if narrower else ()  # same-shape maps first, then the subsets the model kept
@@ -227,6 +230,7 @@ def compare_one(model, base, *, sample: float | None, seed: int, device: str, pr
                     if part.get("pruned_layers"):  # width pruning: relation and containment (verdict's direction)
                         extra.append("pruned")
                         containment["width"] = part.get("containment")
+        work = narrow(work)
         if applied and not {"upcycled", "pruned"} & set(extra):
             extra.append("permuted")
         if new_plan is not None or applied or repaired:

@@ -4,6 +4,7 @@ SOLAR-style up-scaled, residual-permuted), the null level, bytes read, and the c
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -350,3 +351,49 @@ def test_apply_residual_after_layer_plan_leaves_layer_pairs_unchanged(make, tmp_
         for attr in ("base_rows", "cand_rows", "col_map", "col_sign", "row_sign"):
             x, y = getattr(p, attr), getattr(q, attr)
             assert (x is None and y is None) or np.array_equal(x, y), (p.key, attr)
+
+
+@pytest.mark.parametrize("sample", [None, 0.1])
+def test_upscaled_then_units_and_heads_permuted_is_found_in_the_mapped_layers(make, tmp_path, sample):
+    """Layer-mapped pairs are measured without the rows their layer sketch read, so their down/o tensors had fewer
+    rows than the residual width and the unit and head searches skipped every one of them: MLP units and heads
+    permuted after a depth up-scaling stayed unaligned (the MLP passed the independence test; `partial` when
+    sampled). The searches now run on the whole tensors, and the sketch's rows, on either side through the maps
+    found, are left out of the evidence afterwards."""
+    from hf_provenance.compare import compare
+
+    base_dir = make("llama")
+    model_dir = _chain(make("llama", "upscaled"), tmp_path, ("permute_units", {}))
+    c = compare(model_dir, [base_dir], sample=sample).to_dict()["comparisons"][0]
+    assert c["verdict"] == "derived" and {"permuted", "upscaled"} <= set(c["relation"])
+    units, heads = c["alignment"]["units"], c["alignment"]["heads"]
+    assert units["applied"] and heads["applied"] and units["recovered"] == units["batches"] >= 2
+    mlp = [t for t in c["tensors"] if t["component"] == "dense_mlp" and t["evidence"]]
+    assert mlp and all(t["pearson"]["value"] > 0.99 for t in mlp)
+    assert all("read by the layer-map sketch" in " ".join(t["notes"]) for t in mlp)
+
+
+def test_narrow_leaves_out_every_row_the_sketch_read_on_either_side(make, tmp_path):
+    """After a row map, compared row i pairs base row i with model row perm[i]: it is evidence only when neither
+    stored row was read by the layer sketch; and widen gives back the whole pair with its rows in order."""
+    from hf_provenance.alignment.layers import narrow, widen
+    from hf_provenance.alignment.units import map_rows
+
+    base, model = open_model(make("llama")), open_model(str(make("llama", "upscaled")))
+    plan, facts = identity_plan(base, model)
+    new_plan, _, _ = layer_plan(base, model, plan, facts)
+    excluded = [p for p in new_plan.pairs if p.wide is not None]
+    assert excluded and all(p.n_rows < p.wide.n_rows for p in excluded)
+    wide = widen(new_plan)
+    assert [p.n_rows for p in wide.pairs if p.sketch_raw is not None] == [p.wide.n_rows for p in excluded]
+    assert narrow(wide).pairs[0].shape == new_plan.pairs[0].shape
+    rng = np.random.default_rng(0)
+    mapped = tuple(map_rows(p, rng.permutation(p.n_rows), note="test") if p.sketch_raw is not None and
+                   p.n_rows > 1 else p for p in wide.pairs)
+    for p in narrow(replace(wide, pairs=mapped)).pairs:
+        w = p.wide
+        if w is None or w.sketch_raw is None:
+            continue
+        assert not np.isin(p.base_rows, w.sketch_raw[0]).any() and not np.isin(p.cand_rows, w.sketch_raw[1]).any()
+        kept = ~(np.isin(w.base_rows, w.sketch_raw[0]) | np.isin(w.cand_rows, w.sketch_raw[1]))
+        assert p.n_rows == int(kept.sum()) > 0

@@ -462,16 +462,56 @@ def align_layers(base, model, *, seed: int = 0, sample: float | None = None, res
 
 
 def _exclude_sketch_rows(p: PairSpec, sketch: dict) -> PairSpec:
-    """The pair measured only on the rows its sketch did not read (the sketch fitted the map: DESIGN §3)."""
+    """The pair measured only on the rows its sketch did not read (the sketch fitted the map: DESIGN §3).
+    The whole pair stays in ``wide``, with the stored rows the sketch read on each side (``widen``, ``narrow``)."""
     rows = sketch.get((p.key.role, p.key.expert, p.key.part, *p.shape)) if not p.is_vector else None
     if rows is None:
         return p
+    raw = (_raw_rows(p.base_rows, rows), _raw_rows(p.cand_rows, rows))
     rest = np.setdiff1d(np.arange(p.shape[0]), rows)
-    cand = rest if p.cand_rows is None else np.asarray(p.cand_rows)[rest]
-    base_rows = rest if p.base_rows is None else np.asarray(p.base_rows)[rest]
-    sign = None if p.row_sign is None else np.asarray(p.row_sign)[rest]
     note = f"{p.note}; {len(rows)} sketch rows used to fit the layer map are excluded"
-    return replace(p, shape=(len(rest), p.shape[1]), base_rows=base_rows, cand_rows=cand, row_sign=sign, note=note)
+    return _keep_rows(replace(p, sketch_raw=raw), rest, note)
+
+
+def _raw_rows(index: np.ndarray | None, positions: np.ndarray) -> np.ndarray:
+    """The stored rows behind compared rows ``positions`` of a side (``index``: its row map, None = identity)."""
+    positions = np.asarray(positions, dtype=np.int64)
+    return positions if index is None else np.asarray(index, dtype=np.int64)[positions]
+
+
+def _keep_rows(whole: PairSpec, keep: np.ndarray, note: str) -> PairSpec:
+    """``whole`` compared on its rows ``keep`` only; ``whole`` itself stays reachable as ``wide``."""
+    keep = np.asarray(keep, dtype=np.int64)
+    return replace(whole, shape=(len(keep), whole.shape[1]), base_rows=_raw_rows(whole.base_rows, keep),
+                   cand_rows=_raw_rows(whole.cand_rows, keep),
+                   row_sign=None if whole.row_sign is None else np.asarray(whole.row_sign)[keep],
+                   note=note, wide=whole, sketch_raw=None)
+
+
+def widen(plan: AlignmentPlan) -> AlignmentPlan:
+    """Layer-mapped pairs with all their rows again, for the unit, head, expert and width searches: they fit maps
+    on whole tensors (a unit map covers every unit; the layer sketch's rows are not theirs to drop). Each keeps the
+    stored rows its sketch read (``sketch_raw``), so that ``narrow`` leaves them out of the evidence afterwards."""
+    if not any(p.wide is not None for p in plan.pairs):
+        return plan
+    return replace(plan, pairs=tuple(p.wide if p.wide is not None else p for p in plan.pairs))
+
+
+def narrow(plan: AlignmentPlan) -> AlignmentPlan:
+    """Undo ``widen`` after the searches, through whatever maps they composed: a compared row is dropped when the
+    layer sketch read its stored row on either side (a unit map pairs base row i with a model row that the sketch
+    may have read against another base row; neither side's sketched rows are evidence)."""
+    pairs = []
+    for p in plan.pairs:
+        if p.sketch_raw is None:
+            pairs.append(p)
+            continue
+        n = p.shape[0]
+        hit = (np.isin(_raw_rows(p.base_rows, np.arange(n)), p.sketch_raw[0])
+               | np.isin(_raw_rows(p.cand_rows, np.arange(n)), p.sketch_raw[1]))
+        note = f"{p.note}; {int(hit.sum())} rows read by the layer-map sketch (either side) are excluded"
+        pairs.append(_keep_rows(p, np.flatnonzero(~hit), note))
+    return replace(plan, pairs=tuple(pairs))
 
 
 def plan_from_alignment(al: LayerAlignment, base, model, plan: AlignmentPlan, *, residual=None) -> AlignmentPlan:

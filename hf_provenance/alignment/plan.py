@@ -32,6 +32,9 @@ class PairSpec:
     columns (an expert cut from a dense MLP's units: the dense ffn_down's columns of that slice); col_map and
     col_sign then index the compared columns.
     axes: meaning of (row axis, column axis) for the null; 1-D tensors have a single-entry tuple.
+    wide: a layer-mapped pair measured without the rows its layer sketch read is this pair with all its rows (the
+    searches fit unit and head maps on whole tensors); sketch_raw: on such a whole pair, the stored rows of (base,
+    candidate) that the sketch read, to be left out again once the searches are done (``layers.narrow``).
     """
 
     key: Any                       # CanonicalKey
@@ -51,6 +54,8 @@ class PairSpec:
     layout: str | None = None      # ";"-joined: "transpose:base" / "transpose:cand", "split:attn_qkv:concat>per_head"
     note: str | None = None
     base_cols: np.ndarray | None = None
+    wide: "PairSpec | None" = None
+    sketch_raw: tuple[np.ndarray, np.ndarray] | None = None
 
     @property
     def n_rows(self) -> int:
