@@ -192,10 +192,16 @@ def compare_one(model, base, *, sample: float | None, seed: int, device: str, pr
     total_params = sum(g.params for g in components.values()) or 1
     # a derived verdict with a large component showing nothing: units, heads or experts may be permuted there
     # (routed experts and the router are searched whatever their share: shuffling experts is cheap and common)
-    weak = verdict.verdict == "derived" and any(
+    expert_r = [abs(t.pearson.value) for t in tensors
+                if t.component == "routed_experts" and t.evidence and t.pearson.value is not None]
+    weak = verdict.verdict == "derived" and (any(
         g.r_mean is not None and abs(g.r_mean) < th.r_derived
         and (g.params > 0.1 * total_params or name in ("routed_experts", "router"))
         for name, g in components.items())
+        # most routed experts at null level while some match: shuffled experts, a few of them left in place (the
+        # component's mean then clears r_derived). A minority at null level reads as re-initialised experts, not
+        # worth a search that reads every expert's down projection
+        or (bool(expert_r) and sum(r < th.r_derived for r in expert_r) >= 0.5 * len(expert_r)))
     settled = verdict.verdict in ("derived", "identical") and not weak
     rotary_wanted = settled and qk_lag(tensors, th)  # q/k far below v/o: a rotary row reorder, say
     relayout = experts_relayout(base, model, plan)  # experts stacked on one side only: the identity plan paired none

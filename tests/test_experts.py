@@ -204,3 +204,31 @@ def test_expert_pruned_and_shuffled_moe_pairs_its_router_through_the_map(make, t
     routers = [t for t in d["tensors"] if t["name"].endswith("mlp.gate.weight")]
     assert len(routers) == cfg["num_hidden_layers"] and all(t["pearson"]["value"] > 0.5 for t in routers)
     assert all(layer["router_consistent"] for layer in d["alignment"]["experts"]["layers"])
+
+
+@pytest.mark.parametrize("family, variant", [("qwen3_moe", "pruned"), ("deepseek_v3", "pruned"),
+                                             ("deepseek_v3", "upscaled")])
+def test_experts_shuffled_after_a_layer_map_are_paired(make, tmp_path, family, variant):
+    """A layer-pruned or up-scaled MoE whose routed experts were then shuffled. With one expert left in place, its
+    tensors took the component's mean over r_derived, so the comparison was 'settled' and never searched
+    experts: one routed expert at null level among matching ones now triggers the search. The search paired
+    experts by layer *number* (the pruned base layer's against the model's), and a base layer repeated by the
+    up-scaling had one pair for all its copies: it now follows the layer map, each model layer on its own."""
+    from hf_provenance.compare import compare
+    from hf_provenance.factory import apply_transform
+
+    mapped = make(family, variant)
+    shuffled = apply_transform(mapped, tmp_path / "shuffled", "shuffle_experts", seed=6)
+    perms = json.loads((shuffled / "factory.json").read_text())["transform"]["plan"]["perms"]
+    assert any(p != sorted(p) for p in perms.values())
+    assert variant != "pruned" or any(p[0] == 0 for p in perms.values())
+    c = compare(str(shuffled), [make(family)]).to_dict()["comparisons"][0]
+    assert c["verdict"] == "derived" and {"permuted", variant} <= set(c["relation"])
+    experts = [t for t in c["tensors"] if t["component"] == "routed_experts" and t["evidence"]]
+    assert experts and all(t["pearson"]["value"] > 0.99 for t in experts)
+    # experts are searched in the base layer the layer map chose: the pruned layer's never meet the model's
+    # (they had been paired by layer number, and every model expert was measured twice)
+    model_names = [t["model_name"] for t in c["tensors"]]
+    assert len(model_names) == len(set(model_names))
+    kept = {i for _, i, _ in c["alignment"]["layers"]["map"] if i is not None}
+    assert {int(t["name"].split(".")[2]) for t in c["tensors"] if t["layer"] is not None} == kept

@@ -211,9 +211,11 @@ class ExpertLayerFit:
         }
 
 
-def _sides(kb: dict, km: dict, base_src, model_src) -> tuple[dict[int, tuple[_Side, _Side]], dict[str, list[str]]]:
+def _sides(kb: dict, km: dict, base_src, model_src, layer_map: dict[int, int | None] | None = None
+           ) -> tuple[dict[int, tuple[_Side, _Side]], dict[str, list[str]]]:
     """Per layer with routed experts in the model: the base's experts (or its dense MLP) and the model's; and the
-    stacked roles per outcome (``{"searched": [...], "not_searched": [...]}``)."""
+    stacked roles per outcome (``{"searched": [...], "not_searched": [...]}``). ``layer_map``: the base layer
+    of each model layer when a layer map paired them (pruned, up-scaled); else model layer j meets base layer j."""
     stacked: dict[str, set] = {"searched": set(), "not_searched": set()}
 
     def collect(keymap, src):
@@ -247,9 +249,10 @@ def _sides(kb: dict, km: dict, base_src, model_src) -> tuple[dict[int, tuple[_Si
     out = {}
     for layer, ms in model.items():
         mexp = {e: v for e, v in ms.experts.items() if e >= 0 and "ffn_down_exp" in v}
-        if not mexp or layer not in base:
+        at = layer if layer_map is None else layer_map.get(layer)
+        if not mexp or at not in base:
             continue
-        bs = base[layer]
+        bs = base[at]
         bexp = {e: v for e, v in bs.experts.items() if e >= 0 and "ffn_down_exp" in v}
         if not bexp and -1 in bs.experts and "ffn_down_exp" in bs.experts[-1]:
             bexp = {-1: bs.experts[-1]}          # dense base layer: upcycling
@@ -442,7 +445,7 @@ def expert_plan(base, model, plan: AlignmentPlan, *, seed: int = 0, sample: floa
     """
     kb, _, _ = keyed(base)
     km, _, _ = keyed(model)
-    layers, stacked = _sides(kb, km, base, model)
+    layers, stacked = _sides(kb, km, base, model, layer_map(plan))
     if not layers:
         return None
     bkeys = {name: key for key, name in kb.items()}
@@ -500,6 +503,12 @@ def expert_plan(base, model, plan: AlignmentPlan, *, seed: int = 0, sample: floa
     return AlignmentPlan(tuple(pairs), unmatched, new_summary, plan.notes + tuple(lines)), summary, lines
 
 
+def layer_map(plan: AlignmentPlan) -> dict[int, int | None] | None:
+    """Model layer -> base layer from the plan's layer map (None: layers paired by number)."""
+    found = (plan.summary.get("layers") or {}).get("map")
+    return None if not found else {int(j): (None if i is None else int(i)) for j, i, _ in found}
+
+
 def experts_relayout(base, model, plan: AlignmentPlan) -> bool:
     """Whether some MoE layer stores its routed experts stacked on one side and one tensor per expert on the other:
     ``plan`` (the identity plan) pairs none of them there, so the comparison runs the expert search to pair them."""
@@ -521,7 +530,8 @@ def _apply(pairs: list[PairSpec], fit: ExpertLayerFit, b: _Side, m: _Side, base,
     could not pair them); the router and its vectors are left as the identity plan paired them.
     """
     mex = np.asarray(fit.model_experts)
-    by_base = {p.base_name: i for i, p in enumerate(pairs)}
+    # a base tensor is paired once per model layer mapped to its layer (up-scaling repeats base layers)
+    by_base = {(p.base_name, p.layer): i for i, p in enumerate(pairs)}
     out = list(pairs)
     added: list[PairSpec] = []
     names: set[str] = set()
@@ -546,8 +556,9 @@ def _apply(pairs: list[PairSpec], fit: ExpertLayerFit, b: _Side, m: _Side, base,
                 evidence = not (writer or copy)
                 if by_index:
                     note, evidence = "stacked and per-expert storage paired expert by expert (same index)", True
-                if bview.name in by_base and not fit.upcycled and not bview.stacked and not mview.stacked:
-                    i = by_base[bview.name]
+                if (bview.name, fit.layer) in by_base and not fit.upcycled and not bview.stacked and \
+                        not mview.stacked:
+                    i = by_base[bview.name, fit.layer]
                     new = replace(out[i], cand_name=mview.name, evidence=out[i].evidence and evidence,
                                   note=note if not out[i].note else f"{out[i].note}; {note}")
                     out[i] = new
@@ -562,8 +573,8 @@ def _apply(pairs: list[PairSpec], fit: ExpertLayerFit, b: _Side, m: _Side, base,
     perm = np.asarray(fit.mapping, dtype=np.int64)
     if b.router and m.router and not fit.upcycled and not by_index:
         note = "router rows mapped by the expert map (fitted on ffn_down_exp): held out here"
-        if b.router in by_base:
-            i = by_base[b.router]
+        if (b.router, fit.layer) in by_base:
+            i = by_base[b.router, fit.layer]
             out[i] = map_rows(out[i], mex[perm], note=note)
         else:
             rp = _router_pair(base, model, bkeys, b.router, m.router, template, mex[perm])
