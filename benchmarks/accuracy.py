@@ -191,6 +191,17 @@ def rows(cache: Path, quick: bool):
             yield fam, "fused layout + noise 0.5x std", mk(fam, "fused_layout", noise=0.5), base, "derived", None
         yield fam, "swapped arguments (base vs fine-tune)", base, mk(fam, "finetune"), "derived", "finetune"
     yield "llama", "width pruning (heads, units)", mk("llama", "width_pruned"), mk("llama"), "derived", "pruned"
+    # residual-width pruning (Minitron-Width, Sheared-LLaMA): no tensor keeps the base's shape
+    for fam in ("llama", "qwen3_moe"):
+        hp, hp_ind = ex / f"{fam}-ft-hidden-pruned", ex / f"{fam}-seed1-hidden-pruned"
+        if not hp.exists():
+            apply_transform(mk(fam, "finetune"), hp, "hidden_pruned", seed=3, shuffle=True)
+        if not hp_ind.exists():
+            apply_transform(mk(fam, "base", seed=1), hp_ind, "hidden_pruned", seed=3)
+        yield fam, "hidden dimensions pruned (3/4 kept, reordered) after a fine-tune", hp, mk(fam), "derived", \
+            "pruned"
+        yield fam, "independent model with fewer hidden dimensions", hp_ind, mk(fam), "independent|inconclusive", \
+            None
     # at a real width a rotated residual basis leaves every per-tensor statistic at null level (hidden 1024: r̄ ≈ 0.08,
     # below the derivation threshold): only the rotation-invariant row-Gram test sees it (random init: no training)
     wide, wide_ind = _random_llama(ex / "llama-h1024", 0), _random_llama(ex / "llama-h1024-seed1", 1)

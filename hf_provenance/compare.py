@@ -14,6 +14,7 @@ from datetime import datetime, timezone
 import numpy as np
 
 from hf_provenance import __version__
+from hf_provenance.alignment.hidden import hidden_plan, vocab_of_hidden
 from hf_provenance.alignment.identity import identity_plan
 from hf_provenance.alignment.fused import layout_plan
 from hf_provenance.alignment.experts import expert_plan, experts_relayout
@@ -142,6 +143,14 @@ def compare_one(model, base, *, sample: float | None, seed: int, device: str, pr
     fetched0 = (getattr(model, "bytes_fetched", 0), getattr(base, "bytes_fetched", 0))
     plan, facts = identity_plan(base, model)
     layer_lines: list[str] = []
+    pruned_hidden = hidden_plan(base, model, plan, seed=seed, sample=sample)  # a narrower residual stream
+    hidden_relation: list[str] = []
+    if pruned_hidden is not None:
+        plan, hidden_summary, hidden_lines = pruned_hidden
+        layer_lines += hidden_lines
+        if (hidden_summary.get("hidden") or {}).get("applied"):
+            hidden_relation = ["pruned"]
+            facts = {**facts, "vocab": facts["vocab"] or vocab_of_hidden(base, model)}
     found = layer_plan(base, model, plan, facts, seed=seed, sample=sample)
     if found is not None:  # layers renumbered, dropped or repeated: pair each model layer with its base layer
         plan, _, layer_lines = found
@@ -158,6 +167,8 @@ def compare_one(model, base, *, sample: float | None, seed: int, device: str, pr
     vmap = facts["vocab"]
     lay_b, lay_m = facts["layers"]
     containment = {"layers": (lay_b, lay_m), "layer_relation": layer_rel}
+    if hidden_relation:  # containment (DESIGN): the model's residual dimensions are a subset of the base's
+        containment["width"] = {"hidden dimensions": plan.summary["hidden"]["dims"]}
 
     def _emb(ts):
         return [t for t in ts if t.component == "embeddings" and t.key.startswith("token_embd")]
@@ -186,7 +197,7 @@ def compare_one(model, base, *, sample: float | None, seed: int, device: str, pr
         lines.append(f"vocabulary: {vmap.shared} shared rows by {vmap.method} "
                      f"(base {vmap.base_size}, model {vmap.model_size})")
     lines += layer_lines
-    verdict = decide(tensors, components, th, aligned_params=0, **kwargs)
+    verdict = decide(tensors, components, th, aligned_params=0, extra_relations=hidden_relation, **kwargs)
     summary = dict(plan.summary)
     upcycling = _is_moe(model) and not _is_moe(base)
     total_params = sum(g.params for g in components.values()) or 1
@@ -211,7 +222,7 @@ def compare_one(model, base, *, sample: float | None, seed: int, device: str, pr
         new_plan, fit, covered = ((None, None, 0) if settled else
                                   _residual_search(plan, base, model, facts, seed=seed, sample=sample,
                                                    lines=lines, layered=found is not None))
-        extra = ["permuted"] if new_plan is not None else []
+        extra = hidden_relation + (["permuted"] if new_plan is not None else [])
         # the searches fit maps on whole tensors: layer-mapped pairs get back the rows their layer sketch read,
         # and lose them again (on either side, through the maps found) before anything is measured
         work = widen(new_plan if new_plan is not None else plan)

@@ -258,6 +258,9 @@ def _sides(kb: dict, km: dict, base_src, model_src, layer_map: dict[int, int | N
             bexp = {-1: bs.experts[-1]}          # dense base layer: upcycling
         if not bexp:
             continue
+        widths = {v["ffn_down_exp"].shape[0] for side in (bexp, mexp) for v in side.values()}
+        if len(widths) > 1:  # residual widths differ (another family, a pruned hidden size): no expert sketch fits
+            continue
         out[layer] = (_Side(bexp, bs.router, bs.shared_down), _Side(mexp, ms.router, ms.shared_down))
     return out, {k: sorted(v) for k, v in stacked.items()}
 

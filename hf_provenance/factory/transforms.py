@@ -769,6 +769,45 @@ def _width_config(config: dict[str, Any], ctx: Context) -> dict[str, Any]:
     return config
 
 
+# ---- residual-width pruning (Minitron, Sheared-LLaMA) ------------------------------------------------------------
+
+HIDDEN_MODEL_TYPES = frozenset({"llama", "mistral", "qwen2", "qwen3", "qwen3_moe"})
+# HF Llama / Qwen names: tensors whose columns read the residual stream, whose rows write it, and vectors over it
+HIDDEN_READERS = re.compile(r"^(?:model\.embed_tokens|lm_head|model\.layers\.\d+\.(?:self_attn\.[qkv]_proj|"
+                            r"mlp\.(?:gate_proj|up_proj|gate|shared_expert\.(?:gate_proj|up_proj)|shared_expert_gate|"
+                            r"experts\.\d+\.(?:gate_proj|up_proj))))\.weight$")
+HIDDEN_WRITERS = re.compile(r"^model\.layers\.\d+\.(?:self_attn\.o_proj|mlp\.(?:down_proj|shared_expert\.down_proj|"
+                            r"experts\.\d+\.down_proj))\.weight$")
+HIDDEN_VECTORS = re.compile(r"^model\.(?:norm|layers\.\d+\.(?:input_layernorm|post_attention_layernorm))\.weight$")
+
+
+def _hidden_prepare(ctx: Context) -> dict[str, Any]:
+    mt = ctx.config.get("model_type")
+    if mt not in HIDDEN_MODEL_TYPES:
+        raise ValueError(f"hidden_pruned: model_type {mt!r} is not one of {sorted(HIDDEN_MODEL_TYPES)}")
+    h = int(ctx.config["hidden_size"])
+    k = max(1, round(float(ctx.params["keep"]) * h))
+    if not 0 < k < h:
+        raise ValueError(f"hidden_pruned: keep={ctx.params['keep']} must keep some but not all of {h} dimensions")
+    return {"hidden_size": [h, k], "head_dim": _head_layout(ctx.config)["block"]["o"],
+            "kept": _kept(ctx, "hidden", h, k)}
+
+
+def _hidden_prune(key: str, t: torch.Tensor, ctx: Context) -> list[tuple[str, torch.Tensor]]:
+    kept = torch.tensor(ctx.plan["kept"])
+    if HIDDEN_READERS.match(key):
+        t = t.index_select(1, kept)
+    elif HIDDEN_WRITERS.match(key) or HIDDEN_VECTORS.match(key):
+        t = t.index_select(0, kept)
+    return [(key, _with_noise(key, t.contiguous(), ctx))]
+
+
+def _hidden_config(config: dict[str, Any], ctx: Context) -> dict[str, Any]:
+    config["hidden_size"] = ctx.plan["hidden_size"][1]
+    config["head_dim"] = ctx.plan["head_dim"]   # hidden_size // heads no longer gives it
+    return config
+
+
 # ---- layout re-parametrisations: rotary row order, folded norms ------------------------------------------------
 
 ROTARY_TENSORS = re.compile(r"^model\.layers\.(?P<layer>\d+)\.self_attn\.(?P<proj>q_proj|k_proj)\.(?:weight|bias)$")
@@ -1066,6 +1105,14 @@ TRANSFORMS: dict[str, Transform] = {t.name: t for t in [
               {"units": 0.5, "groups": 0.5, "shuffle": True, "noise": 0.0},
               {"verdict": "derived", "relation": ["pruned"], "direction_evident": True},
               "finetune", _width_prune, prepare=_width_prepare, config=_width_config),
+    Transform("hidden_pruned", "Residual-width pruning (Minitron-Width, Sheared-LLaMA): a random `keep` share of the "
+              "hidden dimensions kept in every tensor that reads or writes the residual stream (embeddings, lm_head, "
+              "q/k/v, gate/up, router, experts; o, down) and in every norm over it; in a random order when "
+              "`shuffle`; config hidden_size follows (head_dim written); then `noise`. Truth: the plan's `kept` "
+              "(model dimension i = base dimension kept[i]).",
+              {"keep": 0.75, "shuffle": False, "noise": 0.0},
+              {"verdict": "derived", "relation": ["pruned"], "direction_evident": True},
+              "finetune", _hidden_prune, prepare=_hidden_prepare, config=_hidden_config),
     Transform("fused_layout", "Llama -> Phi-3 storage: q/k/v_proj fused into qkv_proj = [q; k; v] and gate/up_proj "
               "into gate_up_proj = [gate; up], every other tensor as is; config model_type phi3 (function "
               "unchanged); then `noise` x each tensor's std (0: none, and the weights decode bit-equal once split: "

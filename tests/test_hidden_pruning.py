@@ -1,0 +1,84 @@
+"""Residual-width pruning (Minitron-Width, Sheared-LLaMA): the model keeps a subset of the base's hidden dimensions,
+so no tensor has the base's shape. The kept dimensions are recovered from the token embeddings (fitted on half the
+tokens, tested on the other half) and every tensor whose other axes kept their sizes is compared through them."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from hf_provenance.cli.main import main
+from hf_provenance.compare import compare
+from hf_provenance.factory import apply_transform
+
+
+def _pruned(make, tmp_path, family="llama", variant="finetune", seed=0, **params) -> Path:
+    return apply_transform(make(family, variant, seed=seed), tmp_path / f"{family}-{variant}-{seed}-hidden",
+                           "hidden_pruned", seed=3, **params)
+
+
+def _truth(folder: Path) -> list[int]:
+    return json.loads((folder / "factory.json").read_text())["transform"]["plan"]["kept"]
+
+
+@pytest.mark.parametrize("sample", [None, 0.1])
+@pytest.mark.parametrize("family, params", [("llama", {}), ("llama", {"shuffle": True, "keep": 0.5, "noise": 0.5}),
+                                            ("qwen3_moe", {"keep": 0.5, "shuffle": True})])
+def test_a_fine_tune_with_a_pruned_residual_stream_is_derived_and_pruned(make, tmp_path, family, params, sample):
+    """It had been 'inconclusive: no tensor could be compared'. Now derived, relation pruned, the direction from
+    containment, and the kept dimensions are exactly the factory's (in order or shuffled)."""
+    model = _pruned(make, tmp_path, family, **params)
+    c = compare(str(model), [make(family)], sample=sample).to_dict()["comparisons"][0]
+    assert c["verdict"] == "derived" and "pruned" in c["relation"], c["reasons"]
+    assert "fewer hidden dimensions" in c["direction"] and "model derived from base" in c["direction"]
+    hidden = c["alignment"]["hidden"]
+    assert hidden["applied"] and hidden["kept"] == _truth(model) and hidden["heldout_r"] > 0.8
+    assert hidden["in_order"] == (not params.get("shuffle"))
+    by_component = {}
+    for t in c["tensors"]:
+        by_component.setdefault(t["component"], []).append(t)
+    assert {"attention", "lm_head", "norms"} <= set(by_component)
+    emb = by_component["embeddings"][0]
+    assert not emb["evidence"] and "fitted" in " ".join(emb["notes"])  # it fitted the map: reported only
+    layer = [t for t in c["tensors"] if t["layer"] is not None and t["evidence"] and len(t["shape"]) == 2]
+    floor = 0.8 if params.get("noise") else 0.95
+    assert layer and all(t["pearson"]["value"] > floor for t in layer)
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen3_moe"])
+def test_an_independent_model_of_smaller_width_is_never_derived(make, tmp_path, family):
+    """Another seed's model, pruned the same way: the held-out embedding r stays at null level, nothing is paired
+    through a subset, and the verdict stays inconclusive (widths differ; nothing else to compare). The MoE's expert
+    search then met experts of two residual widths and read past the narrower one's rows (a crash, exit 3)."""
+    model = _pruned(make, tmp_path, family, "base", seed=1)
+    for sample in (None, 0.1):
+        c = compare(str(model), [make(family)], sample=sample).to_dict()["comparisons"][0]
+        assert c["verdict"] == "inconclusive"
+        hidden = c["alignment"]["hidden"]
+        assert not hidden["applied"] and abs(hidden["heldout_r"]) < 0.1
+
+
+def test_the_report_validates_and_the_cli_says_pruned(make, tmp_path, capsys):
+    model = _pruned(make, tmp_path)
+    report = tmp_path / "r.json"
+    assert main(["compare", str(model), "--base", make("llama"), "--json", str(report)]) == 0  # validated on write
+    out = capsys.readouterr().out
+    assert "DERIVED" in out and "hidden dimensions: the model's 48 are a subset of the base's 64" in out
+    assert json.loads(report.read_text())["comparisons"][0]["alignment"]["hidden"]["dims"] == [64, 48]
+
+
+def test_the_transform_keeps_the_function_shapes_and_refuses_what_it_cannot_do(make, tmp_path):
+    from safetensors.torch import load_file
+
+    model = _pruned(make, tmp_path, "llama", "base", keep=0.5)
+    cfg = json.loads((model / "config.json").read_text())
+    sd = load_file(str(model / "model.safetensors"))
+    assert cfg["hidden_size"] == 32 and cfg["head_dim"] == 16
+    assert sd["model.embed_tokens.weight"].shape[1] == 32 and sd["model.layers.0.self_attn.o_proj.weight"].shape[0] == 32
+    assert sd["model.norm.weight"].shape == (32,)
+    with pytest.raises(ValueError, match="model_type"):
+        apply_transform(make("bert"), tmp_path / "bert", "hidden_pruned")
+    with pytest.raises(ValueError, match="keep"):
+        apply_transform(make("llama"), tmp_path / "all", "hidden_pruned", keep=1.0)
