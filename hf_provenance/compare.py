@@ -70,6 +70,10 @@ def _residual_search(plan, base, model, facts, *, seed, sample, lines, layered):
     if emb is None:
         lines.append("residual permutation: not searched (no token embedding pair to fit it from)")
         return None, None, 0
+    if emb.base_cols is not None:  # hidden_plan already mapped each model dimension to a base one
+        lines.append("residual permutation: not searched (the kept hidden dimensions already map the residual "
+                     "stream)")
+        return None, None, 0
     norm = layout_for(str((base.config or {}).get("model_type", ""))).norm
     fit = fit_residual(emb, base, model, signs=norm == "rmsnorm", seed=seed, sample=sample)
     if fit is None:
@@ -222,7 +226,7 @@ def compare_one(model, base, *, sample: float | None, seed: int, device: str, pr
         new_plan, fit, covered = ((None, None, 0) if settled else
                                   _residual_search(plan, base, model, facts, seed=seed, sample=sample,
                                                    lines=lines, layered=found is not None))
-        extra = hidden_relation + (["permuted"] if new_plan is not None else [])
+        extra = ["permuted"] if new_plan is not None else []
         # the searches fit maps on whole tensors: layer-mapped pairs get back the rows their layer sketch read,
         # and lose them again (on either side, through the maps found) before anything is measured
         work = widen(new_plan if new_plan is not None else plan)
@@ -248,8 +252,9 @@ def compare_one(model, base, *, sample: float | None, seed: int, device: str, pr
                         extra.append("pruned")
                         containment["width"] = part.get("containment")
         work = narrow(work)
-        if applied and not {"upcycled", "pruned"} & set(extra):
+        if applied and not {"upcycled", "pruned"} & set(extra):  # (unit subsets of width pruning: not permuted)
             extra.append("permuted")
+        extra = hidden_relation + extra
         if new_plan is not None or applied or repaired:
             unread.clear()
             tensors, components, layers = _evaluate(work, base, model, sample=sample, seed=seed, device=device,

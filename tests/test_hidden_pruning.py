@@ -82,3 +82,20 @@ def test_the_transform_keeps_the_function_shapes_and_refuses_what_it_cannot_do(m
         apply_transform(make("bert"), tmp_path / "bert", "hidden_pruned")
     with pytest.raises(ValueError, match="keep"):
         apply_transform(make("llama"), tmp_path / "all", "hidden_pruned", keep=1.0)
+
+
+@pytest.mark.parametrize("sample", [None, 0.1])
+def test_units_and_heads_permuted_before_the_pruning_are_recovered_through_the_kept_dimensions(make, tmp_path,
+                                                                                             sample):
+    """The unit and head searches sketch the residual rows of down/o: with a narrower residual stream they now run
+    over the model's kept dimensions (they had skipped every layer: the MLP passed the independence test and the
+    verdict was 'partial'). The residual-permutation search is not run (the kept dimensions already map it; it had
+    read the two embeddings at their two widths: exit 3)."""
+    permuted = apply_transform(make("llama", "finetune"), tmp_path / "perm", "permute_units", seed=4)
+    model = apply_transform(permuted, tmp_path / "perm-hidden", "hidden_pruned", seed=3)
+    c = compare(str(model), [make("llama")], sample=sample).to_dict()["comparisons"][0]
+    assert c["verdict"] == "derived" and {"pruned", "permuted"} <= set(c["relation"])
+    assert c["alignment"]["units"]["applied"] and c["alignment"]["heads"]["applied"]
+    assert any("residual permutation: not searched (the kept hidden dimensions" in x for x in c["alignment"]["lines"])
+    layer = [t for t in c["tensors"] if t["component"] in ("dense_mlp", "attention") and t["evidence"]]
+    assert layer and all(t["pearson"]["value"] > 0.95 for t in layer)

@@ -720,6 +720,9 @@ def unit_plan(base, model, plan: AlignmentPlan, *, seed: int = 0, sample: float 
     hidden = _attn_config(base.config or {}).get("hidden_size")
     if not isinstance(hidden, int):
         hidden = mlps[0].down.n_rows if mlps else heads[0].pairs["attn_output"].n_rows
+    kept_hidden = plan.summary.get("hidden") or {}
+    if kept_hidden.get("applied"):  # a narrower residual stream: pairs are compared over the model's dimensions
+        hidden = int(kept_hidden["dims"][1])
     full = sample is None or sample >= 1.0
     dims = N.residual_dims(hidden, None if full else sample, seed)
     sketch = N.ResidualSketch.build(hidden, dims, k=sketch_k, seed=seed)
