@@ -81,8 +81,9 @@ def decide(tensors: list[TensorResult], components: dict[str, GroupEffect], th: 
     width = containment.get("width") or {}    # {"MLP units": [base, model], ...} from a recovered width map
     if width and direction.startswith("direction not"):
         # containment (DESIGN): the model's units / heads are a subset of the base's
+        per = {what: "" if what == "hidden dimensions" else " per layer" for what in width}  # the residual: once
         direction = (f"model has fewer {' and '.join(width)} ("
-                     f"{'; '.join(f'{m} vs {b} {what}' for what, (b, m) in width.items())} per layer, a subset of "
+                     f"{'; '.join(f'{m} vs {b} {what}{per[what]}' for what, (b, m) in width.items())}, a subset of "
                      "the base's): model derived from base")
 
     all_equal = all(t.frac_equal == 1.0 for t in tensors)
