@@ -202,6 +202,11 @@ def rows(cache: Path, quick: bool):
             "pruned"
         yield fam, "independent model with fewer hidden dimensions", hp_ind, mk(fam), "independent|inconclusive", \
             None
+    sheared = ex / "llama-ft-hidden-width-pruned"
+    if not sheared.exists():
+        apply_transform(ex / "llama-ft-hidden-pruned", sheared, "width_pruned", seed=5)
+    yield "llama", "hidden dimensions, MLP units and heads pruned (Sheared-LLaMA style)", sheared, mk("llama"), \
+        "derived", "pruned"
     # at a real width a rotated residual basis leaves every per-tensor statistic at null level (hidden 1024: r̄ ≈ 0.08,
     # below the derivation threshold): only the rotation-invariant row-Gram test sees it (random init: no training)
     wide, wide_ind = _random_llama(ex / "llama-h1024", 0), _random_llama(ex / "llama-h1024-seed1", 1)

@@ -250,7 +250,7 @@ def compare_one(model, base, *, sample: float | None, seed: int, device: str, pr
                         extra.append("upcycled")
                     if part.get("pruned_layers"):  # width pruning: relation and containment (verdict's direction)
                         extra.append("pruned")
-                        containment["width"] = part.get("containment")
+                        containment["width"] = {**(containment.get("width") or {}), **(part.get("containment") or {})}
         work = narrow(work)
         if applied and not {"upcycled", "pruned"} & set(extra):  # (unit subsets of width pruning: not permuted)
             extra.append("permuted")

@@ -99,3 +99,19 @@ def test_units_and_heads_permuted_before_the_pruning_are_recovered_through_the_k
     assert any("residual permutation: not searched (the kept hidden dimensions" in x for x in c["alignment"]["lines"])
     layer = [t for t in c["tensors"] if t["component"] in ("dense_mlp", "attention") and t["evidence"]]
     assert layer and all(t["pearson"]["value"] > 0.95 for t in layer)
+
+
+@pytest.mark.parametrize("sample", [None, 0.1])
+def test_hidden_units_and_heads_pruned_together_compare_every_tensor(make, tmp_path, sample):
+    """Minitron-Width prunes the hidden size and the MLP; Sheared-LLaMA the heads as well. The unit and head subset
+    search now reads the base's residual axis through the kept hidden dimensions: every tensor is compared (MLP and
+    attention had stayed 'not compared'), and the direction names all three subsets."""
+    hidden = apply_transform(make("llama", "finetune"), tmp_path / "hidden", "hidden_pruned", seed=3, shuffle=True)
+    model = apply_transform(hidden, tmp_path / "hidden-width", "width_pruned", seed=5)
+    c = compare(str(model), [make("llama")], sample=sample).to_dict()["comparisons"][0]
+    assert c["verdict"] == "derived" and c["relation"] == ["pruned"]
+    for what in ("hidden dimensions", "MLP units", "attention heads"):
+        assert what in c["direction"]
+    assert not c["not_compared"] and c["alignment"]["width"]["applied"]
+    layer = [t for t in c["tensors"] if t["component"] in ("dense_mlp", "attention") and t["evidence"]]
+    assert len(layer) >= 4 * 5 and all(t["pearson"]["value"] > 0.95 for t in layer)

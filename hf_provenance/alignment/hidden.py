@@ -148,7 +148,8 @@ def hidden_plan(base, model, plan: AlignmentPlan, *, seed: int = 0, sample: floa
         return AlignmentPlan(plan.pairs, plan.unmatched, {**plan.summary, **summary}, plan.notes), summary, [f"hidden dimensions: model {h2} of the base's {h}; no subset found (held-out "
                                f"embedding r = {r_txt})"]
     new_pairs, paired = _pairs(base, model, fit, h, h2)
-    summary["hidden"].update(applied=True, pairs=len(new_pairs), kept=[int(x) for x in fit["keep"]])
+    summary["hidden"].update(applied=True, pairs=len(new_pairs), kept=[int(x) for x in fit["keep"]],
+                             signs=None if fit["sign"] is None else [int(x) for x in fit["sign"]])
     unmatched = tuple(u for u in plan.unmatched if u.name not in paired)
     order = "in the base's order" if fit["in_order"] else "reordered"
     lines = [f"hidden dimensions: the model's {h2} are a subset of the base's {h} ({order}; held-out embedding "
@@ -157,6 +158,16 @@ def hidden_plan(base, model, plan: AlignmentPlan, *, seed: int = 0, sample: floa
     new_summary = {**plan.summary, **summary}
     return AlignmentPlan(plan.pairs + tuple(new_pairs), unmatched, new_summary, plan.notes + tuple(lines)), \
         summary, lines
+
+
+def kept_dimensions(plan: AlignmentPlan) -> tuple[np.ndarray, np.ndarray | None, int] | None:
+    """(kept base dimension per model dimension, signs or None, base width) when ``hidden_plan`` applied a map."""
+    found = plan.summary.get("hidden") or {}
+    if not found.get("applied"):
+        return None
+    signs = found.get("signs")
+    return (np.asarray(found["kept"], dtype=np.int64), None if signs is None else np.asarray(signs, dtype=np.float32),
+            int(found["dims"][0]))
 
 
 def _pairs(base, model, fit: dict, h: int, h2: int) -> tuple[list[PairSpec], set[str]]:
@@ -202,4 +213,4 @@ def _pairs(base, model, fit: dict, h: int, h2: int) -> tuple[list[PairSpec], set
     return out, paired
 
 
-__all__ = ["fit_hidden", "hidden_plan", "narrower_hidden", "vocab_of_hidden"]
+__all__ = ["fit_hidden", "hidden_plan", "kept_dimensions", "narrower_hidden", "vocab_of_hidden"]

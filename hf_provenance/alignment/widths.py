@@ -34,7 +34,7 @@ grouped assignment O(G'·G·r³ + G³) per fit, 2·(K + 1) fits for the null. Me
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -42,6 +42,7 @@ import torch
 from hf_provenance.alignment import keys as K
 from hf_provenance.alignment import nulls as N
 from hf_provenance.alignment.experts import _reading_pair, _residual_template, _View
+from hf_provenance.alignment.hidden import kept_dimensions
 from hf_provenance.alignment.identity import axes_for, keyed
 from hf_provenance.alignment.layouts import layout_for
 from hf_provenance.alignment.plan import AlignmentPlan, PairSpec
@@ -107,6 +108,12 @@ def narrower_layers(base, model, plan: AlignmentPlan) -> tuple[list[Narrower], l
     unmatched = {u.name for u in plan.unmatched if u.side == "base" and "shape differs" in u.reason}
     if not unmatched:
         return [], []
+    kept = kept_dimensions(plan)  # a narrower residual stream too (Minitron-Width): residual widths H vs H'
+    widths = (kept[2], len(kept[0])) if kept is not None else None
+
+    def same_residual(xb: int, xm: int) -> bool:
+        return xb == xm or (widths is not None and (xb, xm) == widths)
+
     kb, _, _ = keyed(base)
     km, _, _ = keyed(model)
     layout = layout_for(str((base.config or {}).get("model_type", "")))
@@ -126,7 +133,7 @@ def narrower_layers(base, model, plan: AlignmentPlan) -> tuple[list[Narrower], l
             continue
         bname, mname = found[writer]
         (hb, nb), (hm, nm) = _shape2(base.inventory[bname]), _shape2(model.inventory[mname])
-        if hb != hm or not nm < nb:
+        if not same_residual(hb, hm) or not nm < nb:
             continue
         g = Narrower(what, layer, {}, {}, nb, nm)
         if what == "heads":
@@ -144,8 +151,8 @@ def narrower_layers(base, model, plan: AlignmentPlan) -> tuple[list[Narrower], l
                 if axis == "rows" and sb == (1, want_b) and sm == (1, want_m):
                     g.vectors[key.role] = (bn, mn)
                 continue
-            ok = (sb[0] == want_b and sm[0] == want_m and sb[1] == sm[1]) if axis == "rows" else \
-                (sb[1] == want_b and sm[1] == want_m and sb[0] == sm[0])
+            ok = (sb[0] == want_b and sm[0] == want_m and same_residual(sb[1], sm[1])) if axis == "rows" else \
+                (sb[1] == want_b and sm[1] == want_m and same_residual(sb[0], sm[0]))
             if ok:
                 g.weights[key.role] = (bn, mn, sb, sm)
             else:
@@ -224,20 +231,26 @@ class WidthFit:
         return out
 
 
-def _writer_sketches(g: Narrower, base, model, bkeys, sketch, template) -> tuple[torch.Tensor, torch.Tensor]:
-    """Sketches of the writer's columns, base [n_cols, k] and model [k, n_cols'] (bucket-major, for null draws)."""
+def _writer_sketches(g: Narrower, base, model, bkeys, sketch, template, kept=None
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sketches of the writer's columns, base [n_cols, k] and model [k, n_cols'] (bucket-major, for null draws);
+    ``kept``: ``hidden.kept_dimensions`` (the base's residual rows read through the model's kept dimensions)."""
     bname, mname, _, _ = g.weights[WRITER[g.what]]
-    a = sketch_writer(base, _reading_pair(base, bname, bkeys, template, writer=True, side="base"), sketch,
-                      side="base")
-    b = sketch_writer(model, _reading_pair(model, mname, bkeys, template, writer=True, side="model"), sketch,
-                      side="model")
+    pa = _reading_pair(base, bname, bkeys, template, writer=True, side="base")
+    if kept is not None:
+        pa = replace(pa, shape=(len(kept[0]), pa.shape[1]), base_rows=kept[0])
+    a = sketch_writer(base, pa, sketch, side="base")
+    pb = _reading_pair(model, mname, bkeys, template, writer=True, side="model")
+    if kept is not None and kept[1] is not None:  # residual signs flipped with the pruning (RMSNorm models)
+        pb = replace(pb, row_sign=kept[1])
+    b = sketch_writer(model, pb, sketch, side="model")
     return a, b.T.contiguous()
 
 
 def fit_units(g: Narrower, base, model, bkeys: dict, sketch: N.ResidualSketch, template, *, seed: int,
-              draws: int) -> WidthFit:
+              draws: int, kept=None) -> WidthFit:
     """Assign each kept unit (down column) to a base unit, one-to-one, and test the map against the null."""
-    a, b = _writer_sketches(g, base, model, bkeys, sketch, template)           # [n, k], [k, n']
+    a, b = _writer_sketches(g, base, model, bkeys, sketch, template, kept)    # [n, k], [k, n']
     n_base, n_model = a.shape[0], b.shape[1]
     halves = [torch.from_numpy(h) for h in sketch.halves]
     rng = np.random.default_rng([seed, 0x3D7, g.layer])
@@ -262,9 +275,9 @@ def fit_units(g: Narrower, base, model, bkeys: dict, sketch: N.ResidualSketch, t
 
 
 def fit_heads(g: Narrower, base, model, bkeys: dict, sketch: N.ResidualSketch, template, *, seed: int,
-              draws: int) -> WidthFit:
+              draws: int, kept=None) -> WidthFit:
     """Match the kept heads (attn_output column blocks) to base heads, GQA groups kept together; test on the null."""
-    a, b = _writer_sketches(g, base, model, bkeys, sketch, template)
+    a, b = _writer_sketches(g, base, model, bkeys, sketch, template, kept)
     a = a.T.reshape(sketch.k, g.base_n, g.head_dim)                            # [k, H, d]
     b = b.reshape(sketch.k, g.model_n, g.head_dim)                             # [k, H', d]
     r_b, r_m = g.base_n // g.base_groups, g.model_n // g.model_groups
@@ -304,9 +317,11 @@ def fit_heads(g: Narrower, base, model, bkeys: dict, sketch: N.ResidualSketch, t
 # Pairs through the map
 # ---------------------------------------------------------------------------------------------------------------
 
-def _pairs(g: Narrower, fit: WidthFit, base, bkeys: dict, template) -> list[PairSpec]:
-    """Every tensor of the layer against the base rows (readers) or columns (writers) it kept."""
+def _pairs(g: Narrower, fit: WidthFit, base, bkeys: dict, template, kept=None) -> list[PairSpec]:
+    """Every tensor of the layer against the base rows (readers) or columns (writers) it kept; with ``kept`` (a
+    narrower residual stream) the base is read through the kept hidden dimensions on its residual axis too."""
     roles = MLP_ROLES if g.what == "units" else ATTN_ROLES
+    hidden = kept
     index_map = {"units": fit.kept, "heads": fit.kept, "groups": fit.groups}
     fitted = f"{'unit' if g.what == 'units' else 'head'} subset map fitted on {WRITER[g.what]} columns"
     layout = layout_for(str((base.config or {}).get("model_type", "")))
@@ -317,8 +332,16 @@ def _pairs(g: Narrower, fit: WidthFit, base, bkeys: dict, template) -> list[Pair
         writer = axis == "cols"
         note, evidence = ((f"{fitted}: reported, not evidence", False) if writer else
                           (f"{fitted}: held out here (the base rows the model kept)", True))
-        p = _pair(base, _View(bname, bkeys[bname], sb), _View(mname, bkeys[bname], sm), template, kept,
+        sb_seen = sb if hidden is None else (sm[0], sb[1]) if writer else (sb[0], sm[1])
+        p = _pair(base, _View(bname, bkeys[bname], sb_seen), _View(mname, bkeys[bname], sm), template, kept,
                   part="down" if writer else "rows", note=note, evidence=evidence)
+        if p is not None and hidden is not None:  # the base's residual axis through the kept dimensions
+            if writer:
+                rows = hidden[0] if p.base_rows is None else hidden[0][np.asarray(p.base_rows)]
+                p = replace(p, base_rows=rows, cand_rows=p.cand_rows if p.cand_rows is not None else
+                            np.arange(len(rows)), row_sign=hidden[1])
+            else:
+                p = replace(p, base_cols=hidden[0], col_sign=hidden[1])
         if p is not None:
             out.append(p)
     for role, (bname, mname) in g.vectors.items():
@@ -361,18 +384,20 @@ def width_plan(base, model, plan: AlignmentPlan, *, seed: int = 0, sample: float
         return None
     kb, _, _ = keyed(base)
     bkeys = {name: key for key, name in kb.items()}
-    hidden = next(sb[0] for g in layers for r, (_, _, sb, _) in g.weights.items() if r == WRITER[g.what])
+    kept = kept_dimensions(plan)
+    hidden = next(sm[0] for g in layers for r, (_, _, _, sm) in g.weights.items() if r == WRITER[g.what])
     sketch = N.ResidualSketch.build(hidden, N.residual_dims(hidden, sample, seed), k=sketch_k, seed=seed)
     template = _residual_template(plan)
     fitter = {"units": fit_units, "heads": fit_heads}
-    fits = [(fitter[g.what](g, base, model, bkeys, sketch, template, seed=seed, draws=draws), g) for g in layers]
+    fits = [(fitter[g.what](g, base, model, bkeys, sketch, template, seed=seed, draws=draws, kept=kept), g)
+            for g in layers]
     added: list[PairSpec] = []
     params = [0, 0]
     for fit, g in fits:
         n = g.base_numel()
         params[0] += n
         if fit.recovered or apply_all:
-            added += _pairs(g, fit, base, bkeys, template)
+            added += _pairs(g, fit, base, bkeys, template, kept)
             params[1] += n
     paired = {p.base_name for p in added}
     # a same-shape tensor the identity plan paired (k/v of groups kept whole) is re-paired through the map
