@@ -115,3 +115,42 @@ def test_hidden_units_and_heads_pruned_together_compare_every_tensor(make, tmp_p
     assert not c["not_compared"] and c["alignment"]["width"]["applied"]
     layer = [t for t in c["tensors"] if t["component"] in ("dense_mlp", "attention") and t["evidence"]]
     assert len(layer) >= 4 * 5 and all(t["pearson"]["value"] > 0.95 for t in layer)
+
+
+def test_real_weights_minilm_with_a_quarter_of_its_hidden_dimensions_pruned(minilm, tmp_path):
+    """all-MiniLM-L6-v2 (real weights, BERT layout: position and token-type embeddings, LayerNorm biases, pooler)
+    with 288 of its 384 hidden dimensions kept and Gaussian noise of 0.3x each tensor's std: derived, pruned."""
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    dst = tmp_path / "minilm-hidden"
+    shutil.copytree(minilm, dst)
+    weights = next(dst.glob("*.safetensors"))
+    cfg = json.loads((dst / "config.json").read_text())
+    h = cfg["hidden_size"]
+    gen = torch.Generator().manual_seed(11)
+    keep = torch.randperm(h, generator=gen)[:288].sort().values
+    readers = ("word_embeddings", "position_embeddings", "token_type_embeddings", "attention.self.query",
+               "attention.self.key", "attention.self.value", "intermediate.dense")
+    out = {}
+    for name, v in load_file(str(weights)).items():
+        if v.is_floating_point():
+            if "pooler" in name:
+                v = v[keep][:, keep] if v.ndim == 2 else v[keep]
+            elif v.ndim == 2 and any(r in name for r in readers):
+                v = v[:, keep]
+            elif v.ndim == 2 and name.endswith("output.dense.weight"):
+                v = v[keep]
+            elif v.ndim == 1 and v.shape[0] == h:
+                v = v[keep]
+            v = v + 0.3 * v.float().std() * torch.randn(v.shape, generator=gen)
+        out[name] = v.contiguous()
+    save_file(out, str(weights), metadata={"format": "pt"})
+    (dst / "config.json").write_text(json.dumps({**cfg, "hidden_size": 288}))
+    c = compare(str(dst), [str(minilm)]).to_dict()["comparisons"][0]
+    assert c["verdict"] == "derived" and c["relation"] == ["pruned"]
+    assert c["alignment"]["hidden"]["kept"] == keep.tolist()
+    layer = [t for t in c["tensors"] if t["component"] in ("attention", "dense_mlp") and t["evidence"]]
+    assert len(layer) == 6 * 9 and all(0.9 < t["pearson"]["value"] < 0.99 for t in layer)
