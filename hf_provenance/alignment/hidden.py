@@ -21,13 +21,12 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from hf_provenance.alignment.assignment import linear_sum_assignment
 from hf_provenance.alignment.identity import _view, axes_for, keyed
 from hf_provenance.alignment.layouts import layout_for
 from hf_provenance.alignment import keys as K
 from hf_provenance.alignment.plan import AlignmentPlan, PairSpec
-from hf_provenance.alignment.residual import MAX_FIT_TOKENS, MIN_SHARED_TOKENS, RESIDUAL_BIASES, RESIDUAL_IN, \
-    RESIDUAL_NORMS, RESIDUAL_OUT
+from hf_provenance.alignment.residual import RESIDUAL_BIASES, RESIDUAL_IN, RESIDUAL_NORMS, RESIDUAL_OUT, \
+    column_correlation, match_columns, split_tokens
 from hf_provenance.alignment.vocab import vocab_map
 from hf_provenance.measurement.accumulate import PairAccumulator
 from hf_provenance.measurement.stream import read_indexed
@@ -62,17 +61,11 @@ def fit_hidden(base, model, bname: str, mname: str, *, signs: bool, seed: int = 
     """The kept base dimension of each model dimension, fitted and tested on the token embeddings (see module)."""
     ib, im = base.inventory[bname], model.inventory[mname]
     vmap = vocab_map(base.vocab, model.vocab, ib.shape[0], im.shape[0])
-    n_tok = vmap.shared
     h, h2 = ib.shape[-1], im.shape[-1]
-    if n_tok < max(MIN_SHARED_TOKENS, 4):
+    split = split_tokens(vmap.shared, h, seed=seed, sample=sample, tag=0x41DD)
+    if split is None:
         return None
-    k = min(n_tok, MAX_FIT_TOKENS)
-    if sample is not None:
-        k = min(k, max(int(sample * n_tok), 8 * h, 2048))
-    rng = np.random.default_rng([seed, 0x41DD])
-    chosen = rng.permutation(n_tok)[:k]
-    half = len(chosen) // 2
-    fit_pos, test_pos = np.sort(chosen[:half]), np.sort(chosen[half:])
+    fit_pos, test_pos = split
     rows_b, rows_m = np.asarray(vmap.base_rows), np.asarray(vmap.model_rows)
 
     def blocks(pos):
@@ -82,29 +75,9 @@ def fit_hidden(base, model, bname: str, mname: str, *, signs: bool, seed: int = 
             b = read_indexed(model.reader, mname, rows_m[p], 0, len(p), raw=False, finite=True)
             yield a.reshape(len(p), h).double(), b.reshape(len(p), h2).double()
 
-    c = torch.zeros(h2, h, dtype=torch.float64)
-    sa, sb = torch.zeros(h, dtype=torch.float64), torch.zeros(h2, dtype=torch.float64)
-    saa, sbb = torch.zeros(h, dtype=torch.float64), torch.zeros(h2, dtype=torch.float64)
-    for a, b in blocks(fit_pos):
-        c += b.T @ a
-        sa += a.sum(0)
-        sb += b.sum(0)
-        saa += (a * a).sum(0)
-        sbb += (b * b).sum(0)
-    m = len(fit_pos)
-    cov = c - torch.outer(sb, sa) / m
-    va, vb = (saa - sa ** 2 / m).clamp_min(1e-30), (sbb - sb ** 2 / m).clamp_min(1e-30)
-    corr = (cov / torch.sqrt(torch.outer(vb, va))).numpy()  # (H', H): model dimension × base dimension
-    score = np.abs(corr) if signs else corr
-    keep = np.full(h2, -1, dtype=np.int64)
-    best_col, best_row = score.argmax(1), score.argmax(0)
-    mutual = np.nonzero(best_row[best_col] == np.arange(h2))[0]
-    keep[mutual] = best_col[mutual]
-    rest = np.setdiff1d(np.arange(h2), mutual)
-    if len(rest):
-        free = np.setdiff1d(np.arange(h), keep[mutual])
-        ri, ci = linear_sum_assignment(score[np.ix_(rest, free)], maximize=True)
-        keep[rest[ri]] = free[ci]
+    # (H', H): model dimension × base dimension
+    corr = column_correlation(((b, a) for a, b in blocks(fit_pos)), h2, h)
+    keep, mutual = match_columns(np.abs(corr) if signs else corr)
     sign = np.where(corr[np.arange(h2), keep] < 0, -1.0, 1.0) if signs else None
     if sign is not None and not (sign < 0).any():
         sign = None
@@ -115,8 +88,8 @@ def fit_hidden(base, model, bname: str, mname: str, *, signs: bool, seed: int = 
         b = b if flip is None else b * flip
         acc.update(a[:, cols].float(), b.float())
     heldout = fx.ratio(*fx.centred_parts(acc.totals, acc.col_a.numpy(), acc.col_b.numpy(), h2))
-    return {"keep": keep, "sign": sign, "heldout_r": heldout, "fit_tokens": m, "test_tokens": len(test_pos),
-            "mutual_best": int(len(mutual)), "dims": [int(h), int(h2)], "vocab": vmap,
+    return {"keep": keep, "sign": sign, "heldout_r": heldout, "fit_tokens": len(fit_pos), "test_tokens": len(test_pos),
+            "mutual_best": mutual, "dims": [int(h), int(h2)], "vocab": vmap,
             "in_order": bool(np.all(np.diff(keep) > 0))}
 
 
@@ -145,8 +118,8 @@ def hidden_plan(base, model, plan: AlignmentPlan, *, seed: int = 0, sample: floa
     r_txt = "undefined" if r is None else f"{r:.3f}"
     if r is None or r < load_thresholds().r_derived:
         summary["hidden"]["applied"] = False
-        return AlignmentPlan(plan.pairs, plan.unmatched, {**plan.summary, **summary}, plan.notes), summary, [f"hidden dimensions: model {h2} of the base's {h}; no subset found (held-out "
-                               f"embedding r = {r_txt})"]
+        line = f"hidden dimensions: model {h2} of the base's {h}; no subset found (held-out embedding r = {r_txt})"
+        return AlignmentPlan(plan.pairs, plan.unmatched, {**plan.summary, **summary}, plan.notes), summary, [line]
     new_pairs, paired = _pairs(base, model, fit, h, h2)
     summary["hidden"].update(applied=True, pairs=len(new_pairs), kept=[int(x) for x in fit["keep"]],
                              signs=None if fit["sign"] is None else [int(x) for x in fit["sign"]])

@@ -83,53 +83,70 @@ def fit_residual(emb: PairSpec, base, model, *, signs: bool, seed: int = 0,
     fraction, but never fewer than 8 per hidden dimension (the correlation matrix needs them).
     """
     n_tok, n = emb.n_rows, emb.n_cols
-    if n_tok < max(MIN_SHARED_TOKENS, 4):
+    split = split_tokens(n_tok, n, seed=seed, sample=sample, tag=0x5E51)
+    if split is None:
         return None
-    k = min(n_tok, MAX_FIT_TOKENS)
-    if sample is not None:
-        k = min(k, max(int(sample * n_tok), 8 * n, 2048))
-    rng = np.random.default_rng([seed, 0x5E51])
-    chosen = rng.permutation(n_tok)[:k]
-    half = len(chosen) // 2
-    fit_pos, test_pos = np.sort(chosen[:half]), np.sort(chosen[half:])
-    c = torch.zeros(n, n, dtype=torch.float64)
-    sa = torch.zeros(n, dtype=torch.float64)
-    sb = torch.zeros(n, dtype=torch.float64)
-    saa = torch.zeros(n, dtype=torch.float64)
-    sbb = torch.zeros(n, dtype=torch.float64)
-    for a, b in _rows(emb, fit_pos, base, model):
-        c += (a.T @ b).double()
-        sa += a.sum(0, dtype=torch.float64)
-        sb += b.sum(0, dtype=torch.float64)
-        saa += (a.double() ** 2).sum(0)
-        sbb += (b.double() ** 2).sum(0)
-    m = len(fit_pos)
-    cov = c - torch.outer(sa, sb) / m
-    va = (saa - sa ** 2 / m).clamp_min(1e-30)
-    vb = (sbb - sb ** 2 / m).clamp_min(1e-30)
-    corr = (cov / torch.sqrt(torch.outer(va, vb))).numpy()
-    del c, cov
-    score = np.abs(corr) if signs else corr
-    perm = np.full(n, -1, dtype=np.int64)
-    # mutual best matches first: row j's best column k whose best row is j
-    best_col = score.argmax(1)
-    best_row = score.argmax(0)
-    mutual = np.nonzero(best_row[best_col] == np.arange(n))[0]
-    perm[mutual] = best_col[mutual]
-    rest_rows = np.setdiff1d(np.arange(n), mutual)
-    if len(rest_rows):
-        rest_cols = np.setdiff1d(np.arange(n), perm[mutual])
-        sub = score[np.ix_(rest_rows, rest_cols)]
-        ri, ci = linear_sum_assignment(sub, maximize=True)
-        perm[rest_rows[ri]] = rest_cols[ci]
+    fit_pos, test_pos = split
+    corr = column_correlation(_rows(emb, fit_pos, base, model), n, n)
+    perm, mutual = match_columns(np.abs(corr) if signs else corr)
     sign = np.where(corr[np.arange(n), perm] < 0, -1.0, 1.0) if signs else None
     same = perm == np.arange(n)
     if sign is not None:
         same &= sign > 0
     ident = float(same.mean())
     r_map, r_id = _heldout(emb, test_pos, base, model, perm, sign)
-    return ResidualFit(perm, sign, ident, r_map, r_id, m, len(test_pos), int(len(mutual)),
+    return ResidualFit(perm, sign, ident, r_map, r_id, len(fit_pos), len(test_pos), mutual,
                        int((sign < 0).sum()) if sign is not None else 0)
+
+
+def split_tokens(n_tok: int, n_dims: int, *, seed: int, sample: float | None, tag: int
+                 ) -> tuple[np.ndarray, np.ndarray] | None:
+    """Shared-token positions to fit a map of embedding columns on, and the held-out ones to test it on; None when
+    too few. At most MAX_FIT_TOKENS; under ``sample`` the share read follows the fraction, but never fewer than 8
+    tokens per dimension of the wider side (the correlation matrix needs them)."""
+    if n_tok < max(MIN_SHARED_TOKENS, 4):
+        return None
+    k = min(n_tok, MAX_FIT_TOKENS)
+    if sample is not None:
+        k = min(k, max(int(sample * n_tok), 8 * n_dims, 2048))
+    chosen = np.random.default_rng([seed, tag]).permutation(n_tok)[:k]
+    half = len(chosen) // 2
+    return np.sort(chosen[:half]), np.sort(chosen[half:])
+
+
+def column_correlation(blocks, n_a: int, n_b: int) -> np.ndarray:
+    """Pearson of every column of a with every column of b, (n_a, n_b), from row blocks (a, b) of the same rows."""
+    c = torch.zeros(n_a, n_b, dtype=torch.float64)
+    sa, sb = torch.zeros(n_a, dtype=torch.float64), torch.zeros(n_b, dtype=torch.float64)
+    saa, sbb = torch.zeros(n_a, dtype=torch.float64), torch.zeros(n_b, dtype=torch.float64)
+    m = 0
+    for a, b in blocks:
+        c += (a.T @ b).double()
+        sa += a.sum(0, dtype=torch.float64)
+        sb += b.sum(0, dtype=torch.float64)
+        saa += (a.double() ** 2).sum(0)
+        sbb += (b.double() ** 2).sum(0)
+        m += a.shape[0]
+    cov = c - torch.outer(sa, sb) / m
+    va = (saa - sa ** 2 / m).clamp_min(1e-30)
+    vb = (sbb - sb ** 2 / m).clamp_min(1e-30)
+    return (cov / torch.sqrt(torch.outer(va, vb))).numpy()
+
+
+def match_columns(score: np.ndarray) -> tuple[np.ndarray, int]:
+    """A distinct column for every row of ``score`` (rows ≤ columns), maximising the total: mutual best matches first
+    (row j's best column k whose best row is j), linear assignment on the rest. (column per row, mutual matches)"""
+    n_rows, n_cols = score.shape
+    out = np.full(n_rows, -1, dtype=np.int64)
+    best_col, best_row = score.argmax(1), score.argmax(0)
+    mutual = np.nonzero(best_row[best_col] == np.arange(n_rows))[0]
+    out[mutual] = best_col[mutual]
+    rest_rows = np.setdiff1d(np.arange(n_rows), mutual)
+    if len(rest_rows):
+        rest_cols = np.setdiff1d(np.arange(n_cols), out[mutual])
+        ri, ci = linear_sum_assignment(score[np.ix_(rest_rows, rest_cols)], maximize=True)
+        out[rest_rows[ri]] = rest_cols[ci]
+    return out, int(len(mutual))
 
 
 def _heldout(emb, positions, base, model, perm, sign) -> tuple[float | None, float | None]:
