@@ -157,7 +157,8 @@ def compare_one(model, base, *, sample: float | None, seed: int, device: str, pr
             facts = {**facts, "vocab": facts["vocab"] or vocab_of_hidden(base, model)}
     found = layer_plan(base, model, plan, facts, seed=seed, sample=sample)
     if found is not None:  # layers renumbered, dropped or repeated: pair each model layer with its base layer
-        plan, _, layer_lines = found
+        plan, _, found_lines = found
+        layer_lines = layer_lines + found_lines
     plan, _, layout_lines = layout_plan(base, model, plan)  # fused tensors split, Conv1D [in, out] read transposed
     layer_lines = layer_lines + layout_lines
     folded = norm_plan(base, model, plan, seed=seed, sample=sample)  # norm weights folded into the next matrices

@@ -154,3 +154,19 @@ def test_real_weights_minilm_with_a_quarter_of_its_hidden_dimensions_pruned(mini
     assert c["alignment"]["hidden"]["kept"] == keep.tolist()
     layer = [t for t in c["tensors"] if t["component"] in ("attention", "dense_mlp") and t["evidence"]]
     assert len(layer) == 6 * 9 and all(0.9 < t["pearson"]["value"] < 0.99 for t in layer)
+
+
+@pytest.mark.parametrize("depth, truth", [("pruned", [0, 1, 3]), ("upscaled", [0, 1, 2, 1, 2, 3])])
+def test_layer_maps_read_the_base_through_the_kept_dimensions(make, tmp_path, depth, truth):
+    """Sheared-LLaMA-1.3B drops layers as well as dimensions: the layer sketches had no tensor of equal shapes, so
+    model layer j met base layer j. The sketches now read the base through the kept dimensions: the map is found,
+    and the layer pairs are compared through them."""
+    model = apply_transform(make("llama", depth), tmp_path / f"{depth}-hidden", "hidden_pruned", seed=3,
+                            shuffle=True)
+    c = compare(str(model), [make("llama")]).to_dict()["comparisons"][0]
+    assert c["verdict"] == "derived" and {"pruned", depth} <= set(c["relation"])
+    assert [i for _, i, _ in c["alignment"]["layers"]["map"]] == truth
+    lines = c["alignment"]["lines"]
+    assert any(x.startswith("hidden dimensions: the model's 48") for x in lines)
+    layer = [t for t in c["tensors"] if t["layer"] is not None and t["evidence"] and len(t["shape"]) == 2]
+    assert layer and all(t["pearson"]["value"] > 0.95 for t in layer)

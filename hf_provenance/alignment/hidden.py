@@ -147,43 +147,70 @@ def _pairs(base, model, fit: dict, h: int, h2: int) -> tuple[list[PairSpec], set
     """Pairs for the tensors whose shapes agree once the base is read through the kept dimensions."""
     kb, km = keyed(base)[0], keyed(model)[0]
     layout = layout_for(str((base.config or {}).get("model_type", "")))
-    keep, sign, vmap = fit["keep"], fit["sign"], fit["vocab"]
     tied = all(bool((src.config or {}).get("tie_word_embeddings")) for src in (base, model))
+    kept = (fit["keep"], fit["sign"], h)
     out, paired = [], set()
     for key, bname in kb.items():
         mname = km.get(key)
         if mname is None or (tied and key.role == "output"):  # tied to the embedding: counted once
             continue
-        sb, sm = _view(base.inventory[bname].shape), _view(model.inventory[mname].shape)
-        if sb == sm:
+        if _view(base.inventory[bname].shape) == _view(model.inventory[mname].shape):
             continue  # the identity plan already paired it (or refused it for another reason)
-        role, axes = key.role, axes_for(key, len(base.inventory[bname].shape), layout)
-        kw: dict = {}
-        note = "base read through the model's kept hidden dimensions"
-        if len(sb) == 1 and sb[0] == h and sm[0] == h2 and (role in RESIDUAL_NORMS or (
-                role in RESIDUAL_BIASES and key.part == "bias")):
-            kw = dict(base_cols=keep, col_sign=sign if role in RESIDUAL_BIASES else None)  # a vector's elements
-            shape = (h2,)
-        elif len(sb) == 2 and role in RESIDUAL_IN and sb[1] == h and sm[1] == h2 and (
-                sb[0] == sm[0] or axes[0] == "vocab"):
-            kw = dict(base_cols=keep, col_sign=sign)
-            shape = (sb[0], h2)
-            if axes[0] == "vocab":
-                if vmap.shared == 0:
-                    continue
-                kw.update(base_rows=np.asarray(vmap.base_rows), cand_rows=np.asarray(vmap.model_rows))
-                shape = (vmap.shared, h2)
-            if role == "token_embd":
-                kw["evidence"] = False
-                note = "the kept hidden dimensions were fitted on these columns: reported, not evidence"
-        elif len(sb) == 2 and role in RESIDUAL_OUT and sb[0] == h and sm[0] == h2 and sb[1] == sm[1]:
-            kw = dict(base_rows=keep, row_sign=sign)
-            shape = (h2, sb[1])
-        else:
-            continue
-        out.append(PairSpec(key, bname, mname, shape, axes, K.component_of(key), key.layer, note=note, **kw))
-        paired |= {bname, mname}
+        p = through_kept(key, bname, mname, base, model, kept, layout, fit["vocab"])
+        if p is not None:
+            out.append(p)
+            paired |= {bname, mname}
     return out, paired
 
 
-__all__ = ["fit_hidden", "hidden_plan", "kept_dimensions", "narrower_hidden", "vocab_of_hidden"]
+def residual_view(role: str, shape: tuple[int, ...], kept) -> tuple[int, ...]:
+    """A base tensor's 2-D view (or 1-D length) as seen through the kept dimensions (its residual axis narrowed)."""
+    if kept is None:
+        return shape
+    h, h2 = kept[2], len(kept[0])
+    if len(shape) == 1:
+        return (h2,) if shape[0] == h and (role in RESIDUAL_NORMS or role in RESIDUAL_BIASES) else shape
+    if role in RESIDUAL_IN and shape[1] == h:
+        return (shape[0], h2)
+    if role in RESIDUAL_OUT and shape[0] == h:
+        return (h2, shape[1])
+    return shape
+
+
+def through_kept(key, bname: str, mname: str, base, model, kept, layout, vmap=None, *, layer: int | None = None,
+                 note: str | None = None) -> PairSpec | None:
+    """One base tensor against the model's, the base read through the kept hidden dimensions on its residual axis
+    (``kept`` = ``kept_dimensions``); None when their shapes still differ. ``layer``: the model layer (layer maps)."""
+    keep, sign, h = kept
+    h2 = len(keep)
+    sb, sm = _view(base.inventory[bname].shape), _view(model.inventory[mname].shape)
+    role, axes = key.role, axes_for(key, len(base.inventory[bname].shape), layout)
+    kw: dict = {}
+    note = note or "base read through the model's kept hidden dimensions"
+    if len(sb) == 1 and sb[0] == h and sm[0] == h2 and (role in RESIDUAL_NORMS or (
+            role in RESIDUAL_BIASES and key.part == "bias")):
+        kw = dict(base_cols=keep, col_sign=sign if role in RESIDUAL_BIASES else None)  # a vector's elements
+        shape = (h2,)
+    elif len(sb) == 2 and role in RESIDUAL_IN and sb[1] == h and sm[1] == h2 and (
+            sb[0] == sm[0] or axes[0] == "vocab"):
+        kw = dict(base_cols=keep, col_sign=sign)
+        shape = (sb[0], h2)
+        if axes[0] == "vocab":
+            if vmap is None or vmap.shared == 0:
+                return None
+            kw.update(base_rows=np.asarray(vmap.base_rows), cand_rows=np.asarray(vmap.model_rows))
+            shape = (vmap.shared, h2)
+        if role == "token_embd":
+            kw["evidence"] = False
+            note = "the kept hidden dimensions were fitted on these columns: reported, not evidence"
+    elif len(sb) == 2 and role in RESIDUAL_OUT and sb[0] == h and sm[0] == h2 and sb[1] == sm[1]:
+        kw = dict(base_rows=keep, row_sign=sign)
+        shape = (h2, sb[1])
+    else:
+        return None
+    layer = key.layer if layer is None else layer
+    return PairSpec(key, bname, mname, shape, axes, K.component_of(key), layer, note=note, **kw)
+
+
+__all__ = ["fit_hidden", "hidden_plan", "kept_dimensions", "narrower_hidden", "residual_view", "through_kept",
+           "vocab_of_hidden"]

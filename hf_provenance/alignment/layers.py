@@ -34,6 +34,7 @@ import numpy as np
 import torch
 
 from hf_provenance.alignment import keys as K
+from hf_provenance.alignment.hidden import kept_dimensions, residual_view, through_kept
 from hf_provenance.alignment.identity import _view, axes_for, keyed
 from hf_provenance.alignment.layouts import layout_for
 from hf_provenance.alignment.plan import AlignmentPlan, PairSpec, Unmatched
@@ -245,14 +246,24 @@ def sketch_rows(slot: Slot, seed: int, sample: float | None = None) -> np.ndarra
 
 
 def _read_sketch(source, name: str, rows: np.ndarray, cols: int, residual=None, role: str = "",
-                 hidden: int = 0) -> np.ndarray | None:
-    """Double-centred, unit-norm sketch vector; the model side can be mapped through a residual fit first."""
+                 hidden: int = 0, kept=None) -> np.ndarray | None:
+    """Double-centred, unit-norm sketch vector; the model side can be mapped through a residual fit first, the base
+    side read through the kept hidden dimensions of a narrower model (``kept``: ``hidden.kept_dimensions``)."""
     idx, sign_rows = rows, None
     if residual is not None and role in _RESIDUAL_OUT and hidden and _n_rows(source, name) % hidden == 0:
         reps = rows // hidden
         idx = reps * hidden + residual.perm[rows % hidden]
         sign_rows = None if residual.sign is None else residual.sign[rows % hidden]
+    narrowed = kept is not None and residual_view(role, _view(source.inventory[name].shape), kept) != \
+        _view(source.inventory[name].shape)
+    if narrowed and role in _RESIDUAL_OUT and _n_rows(source, name) == kept[2]:
+        idx = kept[0][rows]
+        sign_rows = None if kept[1] is None else kept[1][rows]
     x = read_indexed(source.reader, name, idx, 0, len(idx), raw=False, finite=True).reshape(len(idx), -1).double()
+    if narrowed and role in _RESIDUAL_IN and x.shape[1] == kept[2]:
+        x = x[:, torch.from_numpy(kept[0])]
+        if kept[1] is not None:
+            x = x * torch.from_numpy(kept[1].astype(np.float64))
     if residual is not None and role in _RESIDUAL_IN and cols == hidden:
         x = x[:, torch.from_numpy(residual.perm)]
         if residual.sign is not None:
@@ -271,23 +282,24 @@ def _n_rows(source, name: str) -> int:
     return source.inventory[name].n_rows
 
 
-def _sketch_all(source, slots_by_layer, wanted: dict, *, residual=None, hidden: int = 0) -> dict:
+def _sketch_all(source, slots_by_layer, wanted: dict, *, residual=None, hidden: int = 0, kept=None) -> dict:
     """slot -> {layer: sketch vector} for the wanted slots (slot -> rows)."""
     todo = []  # (layer, slot, tensor, rows, row length)
     for layer, slots in slots_by_layer.items():
         for (role, expert, part), name in slots.items():
-            view = _view(source.inventory[name].shape)
+            view = residual_view(role, _view(source.inventory[name].shape), kept)
             slot = (role, expert, part, *view)
             if len(view) == 2 and wanted.get(slot) is not None:
                 todo.append((layer, slot, name, wanted[slot], view[1]))
     prefetch = getattr(source, "prefetch", None)
     if prefetch is not None and residual is None:  # every sketch's rows asked for at once, then read one by one
-        spans = [(name, int(rows[0]), int(rows[-1]) + 1) for _, _, name, rows, _ in todo if len(rows)]
+        spans = [(name, int(rows[0]), int(rows[-1]) + 1) for _, slot, name, rows, _ in todo
+                 if len(rows) and (kept is None or slot[0] not in _RESIDUAL_OUT)]
         if spans:
             prefetch(spans)
     out: dict = {}
     for layer, slot, name, rows, cols in todo:
-        vec = _read_sketch(source, name, rows, cols, residual, slot[0], hidden)
+        vec = _read_sketch(source, name, rows, cols, residual, slot[0], hidden, kept)
         if vec is not None:
             out.setdefault(slot, {})[layer] = vec
     return out
@@ -405,7 +417,8 @@ def _running_arg(v: np.ndarray, *, forward: bool) -> np.ndarray:
 
 # ---- the entry points -----------------------------------------------------------------------------------------
 
-def align_layers(base, model, *, seed: int = 0, sample: float | None = None, residual=None) -> LayerAlignment | None:
+def align_layers(base, model, *, seed: int = 0, sample: float | None = None, residual=None,
+                 kept=None) -> LayerAlignment | None:
     """Sketch both models' layers, build S and fit the map. None when either model has no layer tensors.
 
     ``residual``: a :class:`~hf_provenance.alignment.residual.ResidualFit` to apply to the model's sketches when the
@@ -418,16 +431,16 @@ def align_layers(base, model, *, seed: int = 0, sample: float | None = None, res
     hidden = int(len(residual.perm)) if residual is not None else 0
     read0 = (base.reader.bytes_read, model.reader.bytes_read)
 
-    def shapes(src, by_layer):
+    def shapes(src, by_layer, kept=None):
         out = {}
         for layer, slots in by_layer.items():
             for (role, expert, part), name in slots.items():
-                view = _view(src.inventory[name].shape)
+                view = residual_view(role, _view(src.inventory[name].shape), kept)
                 if len(view) == 2:
                     out.setdefault((role, expert, part, *view), set()).add(layer)
         return out
 
-    shp_b, shp_m = shapes(base, lb_slots), shapes(model, lm_slots)
+    shp_b, shp_m = shapes(base, lb_slots, kept), shapes(model, lm_slots)
     common = [s for s in shp_b if s in shp_m]
     rows = {s: r for s in common for r in [sketch_rows(s, seed, sample)] if r is not None}
     primary = {s: r for s, r in rows.items() if not _secondary(s[0])}
@@ -437,7 +450,7 @@ def align_layers(base, model, *, seed: int = 0, sample: float | None = None, res
     wanted = dict(primary)
     if needs:
         wanted.update({s: r for s, r in rows.items() if _secondary(s[0])})
-    sk_b = _sketch_all(base, lb_slots, wanted)
+    sk_b = _sketch_all(base, lb_slots, wanted, kept=kept)
     sk_m = _sketch_all(model, lm_slots, wanted, residual=residual, hidden=hidden)
     total, var, count = _similarity({s: v for s, v in sk_b.items() if s in primary},
                                     {s: v for s, v in sk_m.items() if s in primary}, wanted, lb, lm)
@@ -514,7 +527,8 @@ def narrow(plan: AlignmentPlan) -> AlignmentPlan:
     return replace(plan, pairs=tuple(pairs))
 
 
-def plan_from_alignment(al: LayerAlignment, base, model, plan: AlignmentPlan, *, residual=None) -> AlignmentPlan:
+def plan_from_alignment(al: LayerAlignment, base, model, plan: AlignmentPlan, *, residual=None,
+                        kept=None) -> AlignmentPlan:
     """The plan with every layer pair re-made through the map: model layer j's tensors against its base layer's
     (same role/expert/part, equal shapes), sketched rows excluded from the rows measured. Non-layer pairs and
     non-layer unmatched entries of ``plan`` are kept. With ``residual`` the layer pairs carry the residual map
@@ -544,14 +558,20 @@ def plan_from_alignment(al: LayerAlignment, base, model, plan: AlignmentPlan, *,
                 continue
             ib, im = base.inventory[bname], model.inventory[mname]
             vb, vm = _view(ib.shape), _view(im.shape)
-            if vb != vm:
-                unmatched.append(Unmatched("model", mname, f"shape differs from base layer {i}'s "
-                                                           f"({list(ib.shape)} vs {list(im.shape)})"))
-                continue
             role, expert, part = slot
             key = K.CanonicalKey(role, j, expert, part)
-            layer_pairs.append(PairSpec(key, bname, mname, vb, axes_for(key, len(ib.shape), layout),
-                                        K.component_of(key), j, note=f"model layer {j} ← base layer {i} (layer map)"))
+            note = f"model layer {j} ← base layer {i} (layer map)"
+            if vb != vm:
+                p = None if kept is None else through_kept(key, bname, mname, base, model, kept, layout, layer=j,
+                                                           note=f"{note}; base read through the kept hidden dimensions")
+                if p is None:
+                    unmatched.append(Unmatched("model", mname, f"shape differs from base layer {i}'s "
+                                                               f"({list(ib.shape)} vs {list(im.shape)})"))
+                    continue
+                layer_pairs.append(p)
+            else:
+                layer_pairs.append(PairSpec(key, bname, mname, vb, axes_for(key, len(ib.shape), layout),
+                                            K.component_of(key), j, note=note))
             seen_base.add(bname)
     for i in sorted({i for i in al.mapping if i is not None}):
         for bname in lb_slots.get(i, {}).values():
@@ -588,10 +608,11 @@ def layer_plan(base, model, plan: AlignmentPlan, facts: dict, *, seed: int = 0, 
     lay = facts.get("layers") if facts else None
     if lay and (not lay[0] or not lay[1]):
         return None
-    al = align_layers(base, model, seed=seed, sample=sample, residual=residual)
+    kept = kept_dimensions(plan)  # a narrower residual stream (hidden_plan): the base read through it
+    al = align_layers(base, model, seed=seed, sample=sample, residual=residual, kept=kept)
     if al is None or not al.found or al.is_diagonal:
         return None
-    new_plan = plan_from_alignment(al, base, model, plan, residual=residual)
+    new_plan = plan_from_alignment(al, base, model, plan, residual=residual, kept=kept)
     summary = new_plan.summary["layers"]
     lines = al.lines()
     if lay and tuple(lay) != (al.base_layers, al.model_layers):
