@@ -207,6 +207,14 @@ def rows(cache: Path, quick: bool):
         apply_transform(ex / "llama-ft-hidden-pruned", sheared, "width_pruned", seed=5)
     yield "llama", "hidden dimensions, MLP units and heads pruned (Sheared-LLaMA style)", sheared, mk("llama"), \
         "derived", "pruned"
+    for seed, truth in ((0, "derived"), (1, "independent|inconclusive")):  # Sheared-LLaMA-1.3B: layers dropped too
+        deep = ex / f"llama-seed{seed}-pruned-hidden-width"
+        if not deep.exists():
+            step = apply_transform(mk("llama", "pruned", seed=seed), ex / f"llama-seed{seed}-pruned-hidden",
+                                   "hidden_pruned", seed=3)
+            apply_transform(step, deep, "width_pruned", seed=5)
+        what = "layers, hidden dimensions, MLP units and heads pruned" + ("" if seed == 0 else ", another seed")
+        yield "llama", what, deep, mk("llama"), truth, "pruned" if seed == 0 else None
     # at a real width a rotated residual basis leaves every per-tensor statistic at null level (hidden 1024: r̄ ≈ 0.08,
     # below the derivation threshold): only the rotation-invariant row-Gram test sees it (random init: no training)
     wide, wide_ind = _random_llama(ex / "llama-h1024", 0), _random_llama(ex / "llama-h1024-seed1", 1)

@@ -170,3 +170,26 @@ def test_layer_maps_read_the_base_through_the_kept_dimensions(make, tmp_path, de
     assert any(x.startswith("hidden dimensions: the model's 48") for x in lines)
     layer = [t for t in c["tensors"] if t["layer"] is not None and t["evidence"] and len(t["shape"]) == 2]
     assert layer and all(t["pearson"]["value"] > 0.95 for t in layer)
+
+
+@pytest.mark.parametrize("seed, derived", [(0, True), (1, False)])
+def test_layers_hidden_units_and_heads_all_pruned(make, tmp_path, seed, derived):
+    """Sheared-LLaMA-1.3B drops layers and prunes the hidden size, the heads and the MLP: no layer tensor keeps a
+    shape, so the layer map had nothing to sketch and model layer j met base layer j. The writers' row Grams (over
+    the kept hidden dimensions; unit and head order and subsets leave them unchanged) now give the map, and the
+    width search pairs each model layer with its mapped base layer. Another seed's model pruned the same way finds
+    no kept dimensions and no layer map: never derived."""
+    src = make("llama", "pruned", seed=seed)
+    hidden = apply_transform(src, tmp_path / "hidden", "hidden_pruned", seed=3)
+    model = apply_transform(hidden, tmp_path / "all", "width_pruned", seed=5)
+    c = compare(str(model), [make("llama")]).to_dict()["comparisons"][0]
+    if not derived:
+        assert c["verdict"] == "inconclusive" and not c["alignment"].get("layers")
+        return
+    assert c["verdict"] == "derived" and c["relation"] == ["pruned"]
+    layers = c["alignment"]["layers"]
+    assert [i for _, i, _ in layers["map"]] == [0, 1, 3] and layers["sketch"]["gram_tensors"] > 0
+    assert c["alignment"]["width"]["applied"]
+    layer = [t for t in c["tensors"] if t["component"] in ("dense_mlp", "attention") and t["evidence"]]
+    assert len(layer) == 3 * 5 and all(t["pearson"]["value"] > 0.95 for t in layer)
+    assert {(t["name"].split(".")[2], t["layer"]) for t in layer} == {("0", 0), ("1", 1), ("3", 2)}

@@ -187,3 +187,24 @@ def test_independent_model_width_pruned_the_same_way_is_not_derived(make, tmp_pa
     c = compare(str(folder), [make("llama")]).to_dict()["comparisons"][0]
     assert c["verdict"] in ("independent", "inconclusive") and "pruned" not in c["relation"], c["reasons"]
     assert c["alignment"]["width"]["units"]["recovered"] == 0
+
+
+@pytest.mark.parametrize("seed, derived", [(0, True), (1, False)])
+def test_layers_and_widths_pruned_together(make, tmp_path, seed, derived):
+    """Layers dropped and every MLP and attention narrowed: no layer tensor keeps a shape, so the layer map comes
+    from the writers' row Grams, and the width search pairs model layer j with its mapped base layer (it had paired
+    layer numbers). Another seed's model, pruned the same way, has no layer above null level: never derived."""
+    from hf_provenance.compare import compare
+    from hf_provenance.factory import apply_transform
+
+    model = apply_transform(make("llama", "pruned", seed=seed), tmp_path / "w", "width_pruned", seed=5)
+    c = compare(str(model), [make("llama")]).to_dict()["comparisons"][0]
+    layers = c["alignment"].get("layers") or {}
+    if not derived:
+        assert c["verdict"] != "derived" and not layers
+        return
+    assert c["verdict"] == "derived" and c["relation"] == ["pruned"]
+    assert [i for _, i, _ in layers["map"]] == [0, 1, 3] and layers["sketch"]["gram_tensors"] == 14
+    evidence = [t for t in c["tensors"] if t["component"] in ("dense_mlp", "attention") and t["evidence"]]
+    assert {(t["name"].split(".")[2], t["layer"]) for t in evidence} == {("0", 0), ("1", 1), ("3", 2)}
+    assert all(t["pearson"]["value"] > 0.95 for t in evidence)

@@ -75,6 +75,7 @@ class LayerAlignment:
     tensors_sketched: dict = field(default_factory=dict)
     seed: int = 0
     residual: bool = False        # the model's sketches were mapped through a residual-permutation fit
+    gram_tensors: int = 0         # writers whose row Grams gave S (no layer tensor shared a shape)
 
     @property
     def threshold(self) -> float:
@@ -152,11 +153,14 @@ class LayerAlignment:
             "no_counterpart_model_layers": [j for j, i in enumerate(self.mapping) if i is None],
             "similarity": sim,
             "null": {"sd": _f(np.median(finite)) if finite.size else None, "threshold": _f(self.threshold),
-                     "z": Z_NULL, "method": "exact permutation variance of the double-centred Pearson, "
-                                            "1/((k-1)(C-1)) per k×C sketch, averaged over tensors"},
+                     "z": Z_NULL, "method": (f"relabelling the model's rows of each writer's row Gram, {GRAM_DRAWS} "
+                                            "draws" if self.gram_tensors else
+                                            "exact permutation variance of the double-centred Pearson, "
+                                            "1/((k-1)(C-1)) per k×C sketch, averaged over tensors")},
             "penalties": {k: v * self.threshold for k, v in PENALTIES.items()} if finite.size else None,
             "sketch": {"elements_per_tensor": SKETCH_ELEMS, "min_rows": MIN_SKETCH_ROWS,
-                       "tensors": dict(self.tensors_sketched), "bytes_read": dict(self.bytes_read),
+                       "tensors": dict(self.tensors_sketched), "gram_tensors": self.gram_tensors,
+                       "bytes_read": dict(self.bytes_read),
                        "bytes_total": dict(self.bytes_total),
                        "fraction_read": (read / total) if total else None, "seed": self.seed,
                        "residual_map_applied": self.residual},
@@ -187,8 +191,11 @@ class LayerAlignment:
         mapped = [s for _, i, s in d["map"] if s is not None]
         sk = d["sketch"]
         frac = f"{sk['fraction_read']:.2%}" if sk["fraction_read"] is not None else "n/a"
+        what = (f"the row Grams of {self.gram_tensors} attn_output/ffn_down tensors (no layer tensor keeps its shape; "
+                "unit and head order and subsets do not change them)" if self.gram_tensors else
+                f"sketches of {sum(self.tensors_sketched.values())} tensors")
         return [head,
-                f"layer map fitted on sketches of {sum(self.tensors_sketched.values())} tensors "
+                f"layer map fitted on {what} "
                 f"({sum(self.bytes_read.values()):,} bytes, {frac} of the layer tensors' bytes): mean similarity of "
                 f"mapped layers {np.mean(mapped) if mapped else float('nan'):.3f}, null sd {d['null']['sd'] or 0:.4f}, "
                 f"no counterpart below {self.threshold:.3f}",
@@ -303,6 +310,85 @@ def _sketch_all(source, slots_by_layer, wanted: dict, *, residual=None, hidden: 
         if vec is not None:
             out.setdefault(slot, {})[layer] = vec
     return out
+
+
+GRAM_ROLES = ("attn_output", "ffn_down")  # residual writers: their rows' Gram ignores the unit / head axis
+GRAM_ROWS = 64
+GRAM_DRAWS = 40
+
+
+def _gram_similarity(base, model, lb_slots, lm_slots, lb: int, lm: int, *, seed: int, kept=None
+                     ) -> tuple[np.ndarray, np.ndarray, int]:
+    """S and its null sd from the residual writers' row Grams, for models none of whose layer tensors share a
+    shape (Sheared-LLaMA-1.3B drops layers *and* prunes hidden size, heads and MLP units).
+
+    The writer's k residual rows (a seeded block, the base's through the kept dimensions) are compared by their
+    cosine Gram, k × k: the unit and head axis is summed over, so neither its order nor a subset of it matters. The
+    similarity is the Pearson of the Grams' off-diagonal entries; its null sd comes from relabelling the model's k
+    rows (a Mantel test), GRAM_DRAWS draws. Fits the map only, like the other sketches; never evidence.
+    Returns (S, sd, tensors read)."""
+    total, var, count = np.zeros((lb, lm)), np.zeros((lb, lm)), np.zeros((lb, lm))
+    used = 0
+    for role in GRAM_ROLES:
+        grams = []
+        for src, slots, side in ((base, lb_slots, "base"), (model, lm_slots, "model")):
+            out = {}
+            for layer, sl in slots.items():
+                name = sl.get((role, None, "weight"))
+                if name is not None and len(src.inventory[name].shape) == 2:
+                    out[layer] = name
+            grams.append(out)
+        if not grams[0] or not grams[1]:
+            continue
+        h2 = {model.inventory[n].shape[0] for n in grams[1].values()}
+        hb = {base.inventory[n].shape[0] for n in grams[0].values()}
+        if len(h2) != 1 or len(hb) != 1:
+            continue
+        h2, hb = h2.pop(), hb.pop()
+        if kept is not None and (hb, h2) != (kept[2], len(kept[0])) or kept is None and hb != h2:
+            continue
+        k = min(GRAM_ROWS, h2 // 2)
+        if k < 8:
+            continue
+        start = int(np.random.default_rng([seed, zlib.crc32(role.encode())]).integers(0, h2 - k + 1))
+        rows_m = np.arange(start, start + k)
+        rows_b, signs = (rows_m, None) if kept is None else (kept[0][rows_m], None if kept[1] is None else
+                                                               kept[1][rows_m])
+        iu = np.triu_indices(k, 1)
+
+        def gram(src, name, rows, sign):
+            x = read_indexed(src.reader, name, rows, 0, len(rows), raw=False, finite=True).double()
+            if sign is not None:
+                x = x * torch.from_numpy(sign.astype(np.float64)).unsqueeze(1)
+            x = x / x.norm(dim=1, keepdim=True).clamp_min(1e-30)
+            return (x @ x.T).numpy()
+
+        def unit(c):
+            v = c[iu] - c[iu].mean()
+            n = float(np.linalg.norm(v))
+            return v / n if n > 1e-12 and np.isfinite(n) else None
+
+        vb = {i: unit(gram(base, n, rows_b, signs)) for i, n in grams[0].items()}
+        cm = {j: gram(model, n, rows_m, None) for j, n in grams[1].items()}
+        vm = {j: unit(c) for j, c in cm.items()}
+        ib = [i for i in sorted(vb) if vb[i] is not None]
+        im = [j for j in sorted(vm) if vm[j] is not None]
+        if not ib or not im:
+            continue
+        B, M = np.stack([vb[i] for i in ib]), np.stack([vm[j] for j in im])
+        rng = np.random.default_rng([seed, 0x6A4D])
+        null = []
+        for _ in range(GRAM_DRAWS):
+            p = rng.permutation(k)
+            null.append(B @ np.stack([unit(cm[j][np.ix_(p, p)]) for j in im]).T)
+        grid = np.ix_(ib, im)
+        used += len(ib) + len(im)
+        total[grid] += B @ M.T
+        var[grid] += np.var(np.stack(null), axis=0)
+        count[grid] += 1
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return (np.where(count > 0, total / np.maximum(count, 1), np.nan),
+                np.where(count > 0, np.sqrt(var) / np.maximum(count, 1), np.nan), used)
 
 
 def _similarity(sk_b: dict, sk_m: dict, rows: dict, lb: int, lm: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -462,6 +548,9 @@ def align_layers(base, model, *, seed: int = 0, sample: float | None = None, res
     with np.errstate(invalid="ignore", divide="ignore"):
         S = np.where(count > 0, total / np.maximum(count, 1), np.nan)
         sd = np.where(count > 0, np.sqrt(var) / np.maximum(count, 1), np.nan)
+    gram_tensors = 0
+    if np.isnan(S).all():  # no layer tensor of equal shapes (units or heads pruned too): the writers' row Grams
+        S, sd, gram_tensors = _gram_similarity(base, model, lb_slots, lm_slots, lb, lm, seed=seed, kept=kept)
     mapping, steps = fit_map(S, sd)
     layer_bytes = {
         "base": sum(base.inventory[n].nbytes for sl in lb_slots.values() for n in sl.values()),
@@ -471,7 +560,7 @@ def align_layers(base, model, *, seed: int = 0, sample: float | None = None, res
         bytes_read={"base": base.reader.bytes_read - read0[0], "model": model.reader.bytes_read - read0[1]},
         bytes_total=layer_bytes,
         tensors_sketched={"base": sum(len(v) for v in sk_b.values()), "model": sum(len(v) for v in sk_m.values())},
-        seed=seed, residual=residual is not None)
+        seed=seed, residual=residual is not None, gram_tensors=gram_tensors)
 
 
 def _exclude_sketch_rows(p: PairSpec, sketch: dict) -> PairSpec:

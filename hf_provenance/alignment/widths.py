@@ -41,7 +41,7 @@ import torch
 
 from hf_provenance.alignment import keys as K
 from hf_provenance.alignment import nulls as N
-from hf_provenance.alignment.experts import _reading_pair, _residual_template, _View
+from hf_provenance.alignment.experts import _reading_pair, _residual_template, _View, layer_map
 from hf_provenance.alignment.hidden import kept_dimensions
 from hf_provenance.alignment.identity import axes_for, keyed
 from hf_provenance.alignment.layouts import layout_for
@@ -103,11 +103,14 @@ def _shape2(info) -> tuple[int, int]:
 
 
 def narrower_layers(base, model, plan: AlignmentPlan) -> tuple[list[Narrower], list[str]]:
-    """Layers whose MLP or attention writer (ffn_down, attn_output) is unmatched with fewer columns on the model side
-    and the same residual width; the readers are checked to agree. Returns (layers, notes on layers skipped)."""
-    unmatched = {u.name for u in plan.unmatched if u.side == "base" and "shape differs" in u.reason}
+    """Layers whose MLP or attention writer (ffn_down, attn_output) is unpaired with fewer columns on the model side
+    and the same residual width; the readers are checked to agree. Model layer j meets the base layer the plan's
+    layer map chose (else base layer j). Returns (layers, notes on layers skipped)."""
+    unmatched = {u.name for u in plan.unmatched if "shape differs" in u.reason}
     if not unmatched:
         return [], []
+    paired_model = {p.cand_name for p in plan.pairs}
+    lmap = layer_map(plan)
     kept = kept_dimensions(plan)  # a narrower residual stream too (Minitron-Width): residual widths H vs H'
     widths = (kept[2], len(kept[0])) if kept is not None else None
 
@@ -118,18 +121,23 @@ def narrower_layers(base, model, plan: AlignmentPlan) -> tuple[list[Narrower], l
     km, _, _ = keyed(model)
     layout = layout_for(str((base.config or {}).get("model_type", "")))
     by_layer: dict[tuple[int, str], dict] = {}
-    for key, bname in kb.items():
-        roles = MLP_ROLES if key.role in MLP_ROLES else ATTN_ROLES if key.role in ATTN_ROLES else None
-        if roles is None or key.layer is None or key.expert is not None or key not in km \
-                or layout.is_transposed(key.role) or key.part not in ("weight", "bias"):
+    for mkey, mname in km.items():
+        roles = MLP_ROLES if mkey.role in MLP_ROLES else ATTN_ROLES if mkey.role in ATTN_ROLES else None
+        if roles is None or mkey.layer is None or mkey.expert is not None \
+                or layout.is_transposed(mkey.role) or mkey.part not in ("weight", "bias"):
+            continue
+        at = mkey.layer if lmap is None else lmap.get(mkey.layer)
+        bname = None if at is None else kb.get(replace(mkey, layer=at))
+        if bname is None:
             continue
         what = "units" if roles is MLP_ROLES else "heads"
-        by_layer.setdefault((key.layer, what), {})[key] = (bname, km[key])
+        # keyed by the model's key (model layer numbering); the base tensor is the mapped layer's
+        by_layer.setdefault((mkey.layer, what), {})[mkey] = (bname, mname)
     out, notes = [], []
     cfg = _attn_config(base.config or {})
     for (layer, what), found in sorted(by_layer.items()):
         writer = next((k for k in found if k.role == WRITER[what] and k.part == "weight"), None)
-        if writer is None or found[writer][0] not in unmatched:
+        if writer is None or found[writer][1] in paired_model or not (set(found[writer]) & unmatched):
             continue
         bname, mname = found[writer]
         (hb, nb), (hm, nm) = _shape2(base.inventory[bname]), _shape2(model.inventory[mname])
@@ -333,7 +341,8 @@ def _pairs(g: Narrower, fit: WidthFit, base, bkeys: dict, template, kept=None) -
         note, evidence = ((f"{fitted}: reported, not evidence", False) if writer else
                           (f"{fitted}: held out here (the base rows the model kept)", True))
         sb_seen = sb if hidden is None else (sm[0], sb[1]) if writer else (sb[0], sm[1])
-        p = _pair(base, _View(bname, bkeys[bname], sb_seen), _View(mname, bkeys[bname], sm), template, kept,
+        key = replace(bkeys[bname], layer=g.layer)  # the model's layer (a layer map may pair it with another)
+        p = _pair(base, _View(bname, key, sb_seen), _View(mname, key, sm), template, kept,
                   part="down" if writer else "rows", note=note, evidence=evidence)
         if p is not None and hidden is not None:  # the base's residual axis through the kept dimensions
             if writer:
@@ -347,7 +356,7 @@ def _pairs(g: Narrower, fit: WidthFit, base, bkeys: dict, template, kept=None) -
     for role, (bname, mname) in g.vectors.items():
         _, index = roles[role]
         kept = expand(index_map[index], g.block[index])
-        key = bkeys[bname]
+        key = replace(bkeys[bname], layer=g.layer)
         out.append(PairSpec(key, bname, mname, (len(kept),), axes_for(key, 1, layout), K.component_of(key),
                             key.layer, base_rows=kept, cand_rows=np.arange(len(kept)),
                             note=f"{fitted}: applied (the base elements the model kept)"))
@@ -399,10 +408,11 @@ def width_plan(base, model, plan: AlignmentPlan, *, seed: int = 0, sample: float
         if fit.recovered or apply_all:
             added += _pairs(g, fit, base, bkeys, template, kept)
             params[1] += n
-    paired = {p.base_name for p in added}
+    paired = {(p.base_name, p.layer) for p in added}
     # a same-shape tensor the identity plan paired (k/v of groups kept whole) is re-paired through the map
-    pairs = tuple(p for p in plan.pairs if p.base_name not in paired) + tuple(added)
-    unmatched = tuple(u for u in plan.unmatched if u.name not in paired)
+    pairs = tuple(p for p in plan.pairs if (p.base_name, p.layer) not in paired) + tuple(added)
+    names = {n for p in added for n in (p.base_name, p.cand_name)}
+    unmatched = tuple(u for u in plan.unmatched if u.name not in names)
     summary = _summary(fits, params, sketch, draws, sample, notes)
     lines = [_line(fits)] + notes
     new_summary = {**dict(plan.summary), "width": summary}
