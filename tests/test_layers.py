@@ -368,6 +368,9 @@ def test_upscaled_then_units_and_heads_permuted_is_found_in_the_mapped_layers(ma
     assert c["verdict"] == "derived" and {"permuted", "upscaled"} <= set(c["relation"])
     units, heads = c["alignment"]["units"], c["alignment"]["heads"]
     assert units["applied"] and heads["applied"] and units["recovered"] == units["batches"] >= 2
+    # the row sketches left the permuted layers at null level; the writers' row Grams map every layer
+    assert [i for _, i, _ in c["alignment"]["layers"]["map"]] == [0, 1, 2, 1, 2, 3] and not c["not_compared"]
+    assert c["alignment"]["layers"]["sketch"]["gram_tensors"] > 0
     mlp = [t for t in c["tensors"] if t["component"] == "dense_mlp" and t["evidence"]]
     assert mlp and all(t["pearson"]["value"] > 0.99 for t in mlp)
     assert all("read by the layer-map sketch" in " ".join(t["notes"]) for t in mlp)

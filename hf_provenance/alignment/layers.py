@@ -191,8 +191,8 @@ class LayerAlignment:
         mapped = [s for _, i, s in d["map"] if s is not None]
         sk = d["sketch"]
         frac = f"{sk['fraction_read']:.2%}" if sk["fraction_read"] is not None else "n/a"
-        what = (f"the row Grams of {self.gram_tensors} attn_output/ffn_down tensors (no layer tensor keeps its shape; "
-                "unit and head order and subsets do not change them)" if self.gram_tensors else
+        what = (f"the row Grams of {self.gram_tensors} attn_output/ffn_down tensors (unit and head order and subsets "
+                "leave them unchanged)" if self.gram_tensors else
                 f"sketches of {sum(self.tensors_sketched.values())} tensors")
         return [head,
                 f"layer map fitted on {what} "
@@ -317,8 +317,8 @@ GRAM_ROWS = 64
 GRAM_DRAWS = 40
 
 
-def _gram_similarity(base, model, lb_slots, lm_slots, lb: int, lm: int, *, seed: int, kept=None
-                     ) -> tuple[np.ndarray, np.ndarray, int]:
+def _gram_similarity(base, model, lb_slots, lm_slots, lb: int, lm: int, *, seed: int, kept=None,
+                     rows_used: dict | None = None) -> tuple[np.ndarray, np.ndarray, int]:
     """S and its null sd from the residual writers' row Grams, for models none of whose layer tensors share a
     shape (Sheared-LLaMA-1.3B drops layers *and* prunes hidden size, heads and MLP units).
 
@@ -326,7 +326,8 @@ def _gram_similarity(base, model, lb_slots, lm_slots, lb: int, lm: int, *, seed:
     cosine Gram, k × k: the unit and head axis is summed over, so neither its order nor a subset of it matters. The
     similarity is the Pearson of the Grams' off-diagonal entries; its null sd comes from relabelling the model's k
     rows (a Mantel test), GRAM_DRAWS draws. Fits the map only, like the other sketches; never evidence.
-    Returns (S, sd, tensors read)."""
+    Returns (S, sd, tensors read); ``rows_used`` (a dict) receives slot -> the compared rows each writer lent.
+    """
     total, var, count = np.zeros((lb, lm)), np.zeros((lb, lm)), np.zeros((lb, lm))
     used = 0
     for role in GRAM_ROLES:
@@ -383,6 +384,9 @@ def _gram_similarity(base, model, lb_slots, lm_slots, lb: int, lm: int, *, seed:
             null.append(B @ np.stack([unit(cm[j][np.ix_(p, p)]) for j in im]).T)
         grid = np.ix_(ib, im)
         used += len(ib) + len(im)
+        if rows_used is not None:  # the writers' rows fitted the map: left out of their evidence (model shapes)
+            for n in grams[1].values():
+                rows_used[(role, None, "weight", *_view(model.inventory[n].shape))] = rows_m
         total[grid] += B @ M.T
         var[grid] += np.var(np.stack(null), axis=0)
         count[grid] += 1
@@ -548,10 +552,22 @@ def align_layers(base, model, *, seed: int = 0, sample: float | None = None, res
     with np.errstate(invalid="ignore", divide="ignore"):
         S = np.where(count > 0, total / np.maximum(count, 1), np.nan)
         sd = np.where(count > 0, np.sqrt(var) / np.maximum(count, 1), np.nan)
-    gram_tensors = 0
+    gram_tensors, gram_rows = 0, {}
     if np.isnan(S).all():  # no layer tensor of equal shapes (units or heads pruned too): the writers' row Grams
-        S, sd, gram_tensors = _gram_similarity(base, model, lb_slots, lm_slots, lb, lm, seed=seed, kept=kept)
+        S, sd, gram_tensors = _gram_similarity(base, model, lb_slots, lm_slots, lb, lm, seed=seed, kept=kept,
+                                               rows_used=gram_rows)
     mapping, steps = fit_map(S, sd)
+    if not gram_tensors and None in mapping and any(i is not None for i in mapping):
+        # a model layer at null level beside mapped ones: its units or heads may be permuted, which the row sketches
+        # (the same row indices on both sides) cannot see; the writers' row Grams can. Kept only if they map more.
+        Sg, sdg, used = _gram_similarity(base, model, lb_slots, lm_slots, lb, lm, seed=seed, kept=kept,
+                                         rows_used=gram_rows)
+        if used:
+            mg, stg = fit_map(Sg, sdg)
+            if sum(i is not None for i in mg) > sum(i is not None for i in mapping):
+                S, sd, mapping, steps, gram_tensors = Sg, sdg, mg, stg, used
+    for slot, rows in gram_rows.items():  # every row that helped fit the map leaves the evidence
+        wanted[slot] = np.union1d(wanted[slot], rows) if wanted.get(slot) is not None else rows
     layer_bytes = {
         "base": sum(base.inventory[n].nbytes for sl in lb_slots.values() for n in sl.values()),
         "model": sum(model.inventory[n].nbytes for sl in lm_slots.values() for n in sl.values())}
