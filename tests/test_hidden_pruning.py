@@ -193,3 +193,22 @@ def test_layers_hidden_units_and_heads_all_pruned(make, tmp_path, seed, derived)
     layer = [t for t in c["tensors"] if t["component"] in ("dense_mlp", "attention") and t["evidence"]]
     assert len(layer) == 3 * 5 and all(t["pearson"]["value"] > 0.95 for t in layer)
     assert {(t["name"].split(".")[2], t["layer"]) for t in layer} == {("0", 0), ("1", 1), ("3", 2)}
+
+
+@pytest.mark.parametrize("steps, relation", [
+    ((("qwen3_moe", "finetune"), ("shuffle_experts", {}), ("hidden_pruned", {})), {"pruned", "permuted"}),
+    ((("llama", "base"), ("hidden_pruned", {}), ("upcycle", {})), {"pruned", "upcycled"}),
+])
+def test_the_expert_search_reads_the_base_through_the_kept_dimensions(make, tmp_path, steps, relation):
+    """Experts shuffled, or upcycled from a dense MLP, in a model whose hidden size was also pruned: the expert
+    search had skipped every layer (two residual widths), leaving the experts unaligned or uncompared. It now reads
+    the base's down rows and router columns through the kept dimensions."""
+    (family, variant), *transforms = steps
+    src = make(family, variant)
+    for k, (name, params) in enumerate(transforms):
+        src = apply_transform(src, tmp_path / f"{k}-{name}", name, seed=3 + k, **params)
+    c = compare(str(src), [make(family)]).to_dict()["comparisons"][0]
+    assert c["verdict"] == "derived" and relation <= set(c["relation"])
+    experts = [t for t in c["tensors"] if ("experts" in t["model_name"]) and t["evidence"]]
+    assert experts and all(t["pearson"]["value"] > 0.95 for t in experts)
+    assert not [x for x in c["not_compared"] if "experts" in x]

@@ -47,6 +47,7 @@ from hf_provenance.alignment.assignment import linear_sum_assignment
 
 from hf_provenance.alignment import keys as K
 from hf_provenance.alignment import nulls as N
+from hf_provenance.alignment.hidden import kept_dimensions
 from hf_provenance.alignment.identity import axes_for, keyed
 from hf_provenance.alignment.layouts import layout_for
 from hf_provenance.alignment.plan import AlignmentPlan, PairSpec
@@ -211,8 +212,8 @@ class ExpertLayerFit:
         }
 
 
-def _sides(kb: dict, km: dict, base_src, model_src, layer_map: dict[int, int | None] | None = None
-           ) -> tuple[dict[int, tuple[_Side, _Side]], dict[str, list[str]]]:
+def _sides(kb: dict, km: dict, base_src, model_src, layer_map: dict[int, int | None] | None = None,
+           kept=None) -> tuple[dict[int, tuple[_Side, _Side]], dict[str, list[str]]]:
     """Per layer with routed experts in the model: the base's experts (or its dense MLP) and the model's; and the
     stacked roles per outcome (``{"searched": [...], "not_searched": [...]}``). ``layer_map``: the base layer
     of each model layer when a layer map paired them (pruned, up-scaled); else model layer j meets base layer j."""
@@ -259,8 +260,8 @@ def _sides(kb: dict, km: dict, base_src, model_src, layer_map: dict[int, int | N
         if not bexp:
             continue
         widths = {v["ffn_down_exp"].shape[0] for side in (bexp, mexp) for v in side.values()}
-        if len(widths) > 1:  # residual widths differ (another family, a pruned hidden size): no expert sketch fits
-            continue
+        if len(widths) > 1 and (kept is None or widths != {kept[2], len(kept[0])}):
+            continue  # residual widths differ (another family; a pruned hidden size without its kept dimensions)
         out[layer] = (_Side(bexp, bs.router, bs.shared_down), _Side(mexp, ms.router, ms.shared_down))
     return out, {k: sorted(v) for k, v in stacked.items()}
 
@@ -283,11 +284,27 @@ def _residual_template(plan: AlignmentPlan) -> tuple[dict, dict]:
 
 
 def _pair(base, model, bview: _View, mview: _View, template: tuple[dict, dict], *, writer: bool,
-          note: str | None = None, evidence: bool = True) -> PairSpec | None:
+          note: str | None = None, evidence: bool = True, kept=None) -> PairSpec | None:
     """Base expert matrix vs model expert matrix (either may be rows of a stacked tensor), through the residual
-    map: rows of residual writers, columns of residual readers."""
-    if tuple(bview.shape) != tuple(mview.shape):
+    map: rows of residual writers, columns of residual readers (through the kept hidden dimensions of a narrower
+    model, ``kept``)."""
+    shape_b = tuple(bview.shape)
+    narrow = kept is not None and shape_b != tuple(mview.shape)
+    if narrow:
+        shape_b = (len(kept[0]), shape_b[1]) if writer and shape_b[0] == kept[2] else \
+            (shape_b[0], len(kept[0])) if not writer and shape_b[1] == kept[2] else shape_b
+    if shape_b != tuple(mview.shape):
         return None
+    if narrow:  # the base's pair through its kept dimensions, then narrowed on its residual axis
+        whole = _pair(base, model, bview, _View(mview.name, mview.key, tuple(bview.shape), mview.rows), template,
+                      writer=writer, note=note, evidence=evidence)
+        if whole is None:
+            return None
+        if writer:
+            rows = np.arange(bview.shape[0]) if whole.base_rows is None else np.asarray(whole.base_rows)
+            crows = None if whole.cand_rows is None else np.asarray(whole.cand_rows)[: len(kept[0])]
+            return replace(whole, shape=shape_b, base_rows=rows[kept[0]], cand_rows=crows, row_sign=kept[1])
+        return replace(whole, shape=shape_b, base_cols=kept[0], col_sign=kept[1])
     n_rows, n_cols = bview.shape
     layout = layout_for(str((base.config or {}).get("model_type", "")))
     rows, cols = template
@@ -307,15 +324,17 @@ def _pair(base, model, bview: _View, mview: _View, template: tuple[dict, dict], 
 
 
 def fit_layer(layer: int, bside: _Side, mside: _Side, base, model, bkeys: dict, sketch: N.ResidualSketch,
-              template, *, seed: int, draws: int) -> ExpertLayerFit:
-    """Match one MoE layer's experts and test the map, the router and the shared expert against the null."""
+              template, *, seed: int, draws: int, kept=None) -> ExpertLayerFit:
+    """Match one MoE layer's experts and test the map, the router and the shared expert against the null
+    (``kept``: ``hidden.kept_dimensions``, the base read through a narrower model's hidden dimensions)."""
     bex, mex = sorted(bside.experts), sorted(mside.experts)
     upcycled = bex == [-1]
 
     def grams(side: _Side, src, which: str) -> torch.Tensor:
         out = []
         for e in sorted(side.experts):
-            pair = _reading_pair(src, side.experts[e]["ffn_down_exp"], bkeys, template, writer=True, side=which)
+            pair = _reading_pair(src, side.experts[e]["ffn_down_exp"], bkeys, template, writer=True, side=which,
+                                 kept=kept)
             out.append(gram_sketch(sketch_writer(src, pair, sketch, side=which)))
         return torch.stack(out)
 
@@ -326,15 +345,15 @@ def fit_layer(layer: int, bside: _Side, mside: _Side, base, model, bkeys: dict, 
     a_half = [_offdiag(ga, h) for h in halves]
     ra = rb = None
     if bside.router and mside.router and not upcycled:
-        pa = _reading_pair(base, bside.router, bkeys, template, writer=False, side="base")
-        pb = _reading_pair(model, mside.router, bkeys, template, writer=False, side="model")
+        pa = _reading_pair(base, bside.router, bkeys, template, writer=False, side="base", kept=kept)
+        pb = _reading_pair(model, mside.router, bkeys, template, writer=False, side="model", kept=kept)
         if pa.n_cols == pb.n_cols == sketch.n_dims:
             ra = N.unit_rows(sketch.sketch_cols(read_rows(base, pa, np.arange(pa.n_rows), side="base")))
             rb = sketch.sketch_cols(read_rows(model, pb, np.arange(pb.n_rows), side="model"))
     sa = sb = None
     if bside.shared_down and mside.shared_down:
-        pa = _reading_pair(base, bside.shared_down, bkeys, template, writer=True, side="base")
-        pb = _reading_pair(model, mside.shared_down, bkeys, template, writer=True, side="model")
+        pa = _reading_pair(base, bside.shared_down, bkeys, template, writer=True, side="base", kept=kept)
+        pb = _reading_pair(model, mside.shared_down, bkeys, template, writer=True, side="model", kept=kept)
         if pa.shape == pb.shape:
             sa = gram_sketch(sketch_writer(base, pa, sketch, side="base")).unsqueeze(0)
             sb = gram_sketch(sketch_writer(model, pb, sketch, side="model")).unsqueeze(0)
@@ -383,7 +402,7 @@ def fit_layer(layer: int, bside: _Side, mside: _Side, base, model, bkeys: dict, 
 
 
 def _reading_pair(src, view: _View | str, bkeys: dict, template: tuple[dict, dict], *, writer: bool,
-                  side: str) -> PairSpec:
+                  side: str, kept=None) -> PairSpec:
     """A pair that reads one side's matrix ``view`` (a _View, or a whole tensor by name) in the base's index space
     (the model through the residual map: rows of residual writers, columns of residual readers)."""
     if not isinstance(view, _View):
@@ -403,6 +422,17 @@ def _reading_pair(src, view: _View | str, bkeys: dict, template: tuple[dict, dic
             kw.update(base_rows=np.arange(shape[0]), cand_rows=view.rows)
     elif view.stacked:
         kw = {"base_rows": view.rows}
+    if kept is not None and side == "base":  # a narrower model: the base's residual axis through its kept dimensions
+        if writer and shape[0] == kept[2]:
+            rows = np.arange(shape[0]) if "base_rows" not in kw else np.asarray(kw["base_rows"])
+            kw["base_rows"], shape = rows[kept[0]], (len(kept[0]), shape[1])
+        elif not writer and shape[1] == kept[2]:
+            kw["base_cols"], shape = kept[0], (shape[0], len(kept[0]))
+    elif kept is not None and kept[1] is not None:  # the model's residual signs flipped by the same map
+        if writer and shape[0] == len(kept[0]) and "row_sign" not in kw:
+            kw["row_sign"] = kept[1]
+        elif not writer and shape[1] == len(kept[0]) and "col_sign" not in kw:
+            kw["col_sign"] = kept[1]
     return PairSpec(view.key, view.name, view.name, shape, ("arbitrary", "arbitrary"), "routed_experts", **kw)
 
 
@@ -448,18 +478,20 @@ def expert_plan(base, model, plan: AlignmentPlan, *, seed: int = 0, sample: floa
     """
     kb, _, _ = keyed(base)
     km, _, _ = keyed(model)
-    layers, stacked = _sides(kb, km, base, model, layer_map(plan))
+    kept = kept_dimensions(plan)
+    layers, stacked = _sides(kb, km, base, model, layer_map(plan), kept)
     if not layers:
         return None
     bkeys = {name: key for key, name in kb.items()}
-    hidden = next(v.shape[0] for b, _ in layers.values() for e in b.experts.values()
-                  for r, v in e.items() if r == "ffn_down_exp")
+    hidden = next(v.shape[0] for _, m in layers.values() for e in m.experts.values()
+                  for r, v in e.items() if r == "ffn_down_exp")  # the model's residual width
     sketch = N.ResidualSketch.build(hidden, N.residual_dims(hidden, sample, seed), k=sketch_k, seed=seed)
     template = _residual_template(plan)
     from hf_provenance.alignment import slices as S   # slices builds on this module's helpers
 
-    sliced = {layer for layer, (b, m) in layers.items() if S.is_sliced(b, m)}
-    fits = [fit_layer(layer, b, m, base, model, bkeys, sketch, template, seed=seed, draws=draws)
+    # unit slices of a dense MLP read through kept hidden dimensions: not searched (a narrower upcycling)
+    sliced = {layer for layer, (b, m) in layers.items() if kept is None and S.is_sliced(b, m)}
+    fits = [fit_layer(layer, b, m, base, model, bkeys, sketch, template, seed=seed, draws=draws, kept=kept)
             for layer, (b, m) in sorted(layers.items()) if layer not in sliced]
     unit_sketch = (N.ResidualSketch.build(hidden, N.residual_dims(hidden, sample, seed), k=N.SKETCH_K, seed=seed)
                    if sliced else None)
@@ -480,7 +512,7 @@ def expert_plan(base, model, plan: AlignmentPlan, *, seed: int = 0, sample: floa
         params[0] += n
         mapped = (fit.recovered or apply_all) and not fit.is_identity
         if mapped or fit.layer in relayout:
-            pairs, done = _apply(pairs, fit, b, m, base, model, template, bkeys, by_index=not mapped)
+            pairs, done = _apply(pairs, fit, b, m, base, model, template, bkeys, by_index=not mapped, kept=kept)
             paired_names |= done
             params[1] += n if mapped else 0
             repaired += not mapped
@@ -526,7 +558,7 @@ def experts_relayout(base, model, plan: AlignmentPlan) -> bool:
 
 
 def _apply(pairs: list[PairSpec], fit: ExpertLayerFit, b: _Side, m: _Side, base, model, template, bkeys: dict,
-           *, by_index: bool = False):
+           *, by_index: bool = False, kept=None):
     """Re-pair this layer's expert tensors and map its router; returns the new pair list and names now paired.
 
     by_index: pair base expert e with model expert e, no map (one side stacked, the other not: the identity plan
@@ -566,7 +598,8 @@ def _apply(pairs: list[PairSpec], fit: ExpertLayerFit, b: _Side, m: _Side, base,
                                   note=note if not out[i].note else f"{out[i].note}; {note}")
                     out[i] = new
                 else:
-                    new = _pair(base, model, bview, mview, template, writer=writer, note=note, evidence=evidence)
+                    new = _pair(base, model, bview, mview, template, writer=writer, note=note, evidence=evidence,
+                                kept=kept)
                     if new is None:
                         continue
                     added.append(new)
