@@ -185,6 +185,8 @@ def through_kept(key, bname: str, mname: str, base, model, kept, layout, vmap=No
     h2 = len(keep)
     sb, sm = _view(base.inventory[bname].shape), _view(model.inventory[mname].shape)
     role, axes = key.role, axes_for(key, len(base.inventory[bname].shape), layout)
+    if layout.is_transposed(role):  # GPT-2's Conv1D [in, out]: its rows are not what the role's rows mean
+        return None
     kw: dict = {}
     note = note or "base read through the model's kept hidden dimensions"
     if len(sb) == 1 and sb[0] == h and sm[0] == h2 and (role in RESIDUAL_NORMS or (
