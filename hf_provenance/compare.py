@@ -14,7 +14,7 @@ from datetime import datetime, timezone
 import numpy as np
 
 from hf_provenance import __version__
-from hf_provenance.alignment.hidden import hidden_plan, vocab_of_hidden
+from hf_provenance.alignment.hidden import hidden_plan
 from hf_provenance.alignment.identity import identity_plan
 from hf_provenance.alignment.fused import layout_plan
 from hf_provenance.alignment.experts import expert_plan, experts_relayout
@@ -150,11 +150,11 @@ def compare_one(model, base, *, sample: float | None, seed: int, device: str, pr
     pruned_hidden = hidden_plan(base, model, plan, seed=seed, sample=sample)  # a narrower residual stream
     hidden_relation: list[str] = []
     if pruned_hidden is not None:
-        plan, hidden_summary, hidden_lines = pruned_hidden
+        plan, hidden_summary, hidden_lines, hidden_vocab = pruned_hidden
         layer_lines += hidden_lines
         if (hidden_summary.get("hidden") or {}).get("applied"):
             hidden_relation = ["pruned"]
-            facts = {**facts, "vocab": facts["vocab"] or vocab_of_hidden(base, model)}
+            facts = {**facts, "vocab": facts["vocab"] or hidden_vocab}
     found = layer_plan(base, model, plan, facts, seed=seed, sample=sample)
     if found is not None:  # layers renumbered, dropped or repeated: pair each model layer with its base layer
         plan, _, found_lines = found

@@ -48,14 +48,6 @@ def narrower_hidden(base, model) -> tuple[str, str, int, int] | None:
     return kb[key], km[key], sb[1], sm[1]
 
 
-def vocab_of_hidden(base, model):
-    """The vocabulary map of the two token embeddings (their rows), for the verdict's vocabulary containment."""
-    found = narrower_hidden(base, model)
-    if found is None:
-        return None
-    return vocab_map(base.vocab, model.vocab, base.inventory[found[0]].shape[0], model.inventory[found[1]].shape[0])
-
-
 def fit_hidden(base, model, bname: str, mname: str, *, signs: bool, seed: int = 0, sample: float | None = None
                ) -> dict | None:
     """The kept base dimension of each model dimension, fitted and tested on the token embeddings (see module)."""
@@ -94,11 +86,13 @@ def fit_hidden(base, model, bname: str, mname: str, *, signs: bool, seed: int = 
 
 
 def hidden_plan(base, model, plan: AlignmentPlan, *, seed: int = 0, sample: float | None = None
-                ) -> tuple[AlignmentPlan, dict, list[str]] | None:
+                ) -> tuple[AlignmentPlan, dict, list[str], object] | None:
     """Pair the tensors of a model whose residual stream keeps a subset of the base's dimensions (see module).
 
-    Returns None when the model's embedding is not narrower than the base's; otherwise ``(plan, summary, lines)``,
-    the plan unchanged (but for the summary) when the held-out r stays under r_derived.
+    Returns None when the model's embedding is not narrower than the base's; otherwise ``(plan, summary, lines,
+    vocab)``, the plan unchanged (but for the summary) when the held-out r stays under r_derived; ``vocab`` is the
+    embeddings' VocabMap the fit paired tokens by (None when too few shared tokens), for the verdict's vocabulary
+    containment.
     """
     found = narrower_hidden(base, model)
     if found is None:
@@ -107,7 +101,8 @@ def hidden_plan(base, model, plan: AlignmentPlan, *, seed: int = 0, sample: floa
     norm = layout_for(str((base.config or {}).get("model_type", ""))).norm
     fit = fit_hidden(base, model, bname, mname, signs=norm == "rmsnorm", seed=seed, sample=sample)
     if fit is None:
-        return plan, {}, [f"hidden dimensions: model {h2} of the base's {h}, not searched (too few shared tokens)"]
+        return plan, {}, [f"hidden dimensions: model {h2} of the base's {h}, not searched (too few shared tokens)"], \
+            None
     r = fit["heldout_r"]
     summary = {"hidden": {"dims": fit["dims"], "heldout_r": fx._clean(r), "fit_tokens": fit["fit_tokens"],
                           "test_tokens": fit["test_tokens"], "mutual_best": fit["mutual_best"],
@@ -119,7 +114,8 @@ def hidden_plan(base, model, plan: AlignmentPlan, *, seed: int = 0, sample: floa
     if r is None or r < load_thresholds().r_derived:
         summary["hidden"]["applied"] = False
         line = f"hidden dimensions: model {h2} of the base's {h}; no subset found (held-out embedding r = {r_txt})"
-        return AlignmentPlan(plan.pairs, plan.unmatched, {**plan.summary, **summary}, plan.notes), summary, [line]
+        return AlignmentPlan(plan.pairs, plan.unmatched, {**plan.summary, **summary}, plan.notes), summary, [line], \
+            fit["vocab"]
     new_pairs, paired = _pairs(base, model, fit, h, h2)
     summary["hidden"].update(applied=True, pairs=len(new_pairs), kept=[int(x) for x in fit["keep"]],
                              signs=None if fit["sign"] is None else [int(x) for x in fit["sign"]])
@@ -130,7 +126,7 @@ def hidden_plan(base, model, plan: AlignmentPlan, *, seed: int = 0, sample: floa
              "dimensions (the embedding fitted them: reported, not evidence)"]
     new_summary = {**plan.summary, **summary}
     return AlignmentPlan(plan.pairs + tuple(new_pairs), unmatched, new_summary, plan.notes + tuple(lines)), \
-        summary, lines
+        summary, lines, fit["vocab"]
 
 
 def kept_dimensions(plan: AlignmentPlan) -> tuple[np.ndarray, np.ndarray | None, int] | None:
@@ -214,5 +210,4 @@ def through_kept(key, bname: str, mname: str, base, model, kept, layout, vmap=No
     return PairSpec(key, bname, mname, shape, axes, K.component_of(key), layer, note=note, **kw)
 
 
-__all__ = ["fit_hidden", "hidden_plan", "kept_dimensions", "narrower_hidden", "residual_view", "through_kept",
-           "vocab_of_hidden"]
+__all__ = ["fit_hidden", "hidden_plan", "kept_dimensions", "narrower_hidden", "residual_view", "through_kept"]

@@ -50,6 +50,7 @@ import torch
 from hf_provenance.alignment.assignment import linear_sum_assignment
 
 from hf_provenance.alignment import nulls as N
+from hf_provenance.alignment.hidden import kept_dimensions
 from hf_provenance.alignment.plan import AlignmentPlan, PairSpec
 from hf_provenance.measurement.stream import read_indexed
 from hf_provenance.statistics.effects import _clean
@@ -720,9 +721,9 @@ def unit_plan(base, model, plan: AlignmentPlan, *, seed: int = 0, sample: float 
     hidden = _attn_config(base.config or {}).get("hidden_size")
     if not isinstance(hidden, int):
         hidden = mlps[0].down.n_rows if mlps else heads[0].pairs["attn_output"].n_rows
-    kept_hidden = plan.summary.get("hidden") or {}
-    if kept_hidden.get("applied"):  # a narrower residual stream: pairs are compared over the model's dimensions
-        hidden = int(kept_hidden["dims"][1])
+    kept = kept_dimensions(plan)
+    if kept is not None:  # a narrower residual stream: pairs are compared over the model's dimensions
+        hidden = len(kept[0])
     full = sample is None or sample >= 1.0
     dims = N.residual_dims(hidden, None if full else sample, seed)
     sketch = N.ResidualSketch.build(hidden, dims, k=sketch_k, seed=seed)

@@ -244,14 +244,10 @@ def _writer_sketches(g: Narrower, base, model, bkeys, sketch, template, kept=Non
     """Sketches of the writer's columns, base [n_cols, k] and model [k, n_cols'] (bucket-major, for null draws);
     ``kept``: ``hidden.kept_dimensions`` (the base's residual rows read through the model's kept dimensions)."""
     bname, mname, _, _ = g.weights[WRITER[g.what]]
-    pa = _reading_pair(base, bname, bkeys, template, writer=True, side="base")
-    if kept is not None:
-        pa = replace(pa, shape=(len(kept[0]), pa.shape[1]), base_rows=kept[0])
-    a = sketch_writer(base, pa, sketch, side="base")
-    pb = _reading_pair(model, mname, bkeys, template, writer=True, side="model")
-    if kept is not None and kept[1] is not None:  # residual signs flipped with the pruning (RMSNorm models)
-        pb = replace(pb, row_sign=kept[1])
-    b = sketch_writer(model, pb, sketch, side="model")
+    a = sketch_writer(base, _reading_pair(base, bname, bkeys, template, writer=True, side="base", kept=kept),
+                      sketch, side="base")
+    b = sketch_writer(model, _reading_pair(model, mname, bkeys, template, writer=True, side="model", kept=kept),
+                      sketch, side="model")
     return a, b.T.contiguous()
 
 
@@ -325,11 +321,11 @@ def fit_heads(g: Narrower, base, model, bkeys: dict, sketch: N.ResidualSketch, t
 # Pairs through the map
 # ---------------------------------------------------------------------------------------------------------------
 
-def _pairs(g: Narrower, fit: WidthFit, base, bkeys: dict, template, kept=None) -> list[PairSpec]:
-    """Every tensor of the layer against the base rows (readers) or columns (writers) it kept; with ``kept`` (a
-    narrower residual stream) the base is read through the kept hidden dimensions on its residual axis too."""
+def _pairs(g: Narrower, fit: WidthFit, base, bkeys: dict, template, hidden=None) -> list[PairSpec]:
+    """Every tensor of the layer against the base rows (readers) or columns (writers) it kept; with ``hidden``
+    (``kept_dimensions``: a narrower residual stream) the base is read through the kept hidden dimensions on its
+    residual axis too."""
     roles = MLP_ROLES if g.what == "units" else ATTN_ROLES
-    hidden = kept
     index_map = {"units": fit.kept, "heads": fit.kept, "groups": fit.groups}
     fitted = f"{'unit' if g.what == 'units' else 'head'} subset map fitted on {WRITER[g.what]} columns"
     layout = layout_for(str((base.config or {}).get("model_type", "")))
