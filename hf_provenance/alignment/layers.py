@@ -560,13 +560,14 @@ def align_layers(base, model, *, seed: int = 0, sample: float | None = None, res
     if not gram_tensors and None in mapping and any(i is not None for i in mapping):
         # a model layer at null level beside mapped ones: its units or heads may be permuted, which the row sketches
         # (the same row indices on both sides) cannot see; the writers' row Grams can. Kept only if they map more.
+        tried: dict = {}
         Sg, sdg, used = _gram_similarity(base, model, lb_slots, lm_slots, lb, lm, seed=seed, kept=kept,
-                                         rows_used=gram_rows)
+                                         rows_used=tried)
         if used:
             mg, stg = fit_map(Sg, sdg)
             if sum(i is not None for i in mg) > sum(i is not None for i in mapping):
-                S, sd, mapping, steps, gram_tensors = Sg, sdg, mg, stg, used
-    for slot, rows in gram_rows.items():  # every row that helped fit the map leaves the evidence
+                S, sd, mapping, steps, gram_tensors, gram_rows = Sg, sdg, mg, stg, used, tried
+    for slot, rows in gram_rows.items():  # the Gram rows that fitted the map leave the evidence (not a rejected try's)
         wanted[slot] = np.union1d(wanted[slot], rows) if wanted.get(slot) is not None else rows
     layer_bytes = {
         "base": sum(base.inventory[n].nbytes for sl in lb_slots.values() for n in sl.values()),
