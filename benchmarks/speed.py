@@ -9,7 +9,7 @@ wall time:
 
   cold read      both checkpoints, page cache evicted with posix_fadvise(DONTNEED), read with 16 MiB preads
   parallel read  the same, both checkpoints at once (a thread each) with 64 MiB announced ahead
-                 (posix_fadvise WILLNEED): the faster of the two cold reads is the read floor
+                 (posix_fadvise WILLNEED): a stricter floor, reported beside the cold read
   warm read      the same without eviction (`dd bs=16M of=/dev/null` equivalent)
   minimal loop   safetensors get_tensor + torch cosine per tensor (cold)
   usual approach transformers from_pretrained of both models, then a state-dict cosine loop (cold)
@@ -36,6 +36,9 @@ SIZES = {
     "300m": dict(hidden=1024, layers=16, intermediate=4096, vocab=32000),
     "1b": dict(hidden=2048, layers=16, intermediate=8192, vocab=32000),
     "3b": dict(hidden=3072, layers=24, intermediate=8192, vocab=32000),
+    # Llama-2-7B's shape (full multi-head attention: the k/v projections are as big as q/o and are sampled too):
+    # 6.7B parameters a side, 27 GB for the pair
+    "7b": dict(hidden=4096, layers=32, intermediate=11008, vocab=32000, heads=32, kv_heads=32),
     # a fine-grained MoE (Qwen3-30B-A3B's layer: 128 experts of 768 units), two layers: 1.36B parameters
     "moe1b": dict(family="qwen3_moe", hidden=2048, layers=2, intermediate=6144, vocab=32000, experts=128,
                   moe_intermediate=768, experts_per_tok=8),
@@ -267,8 +270,12 @@ def main() -> None:
     ratios = {}
     if "compare_full" in med:
         ratios["full / minimal loop"] = med["compare_full"] / med.get("minimal_loop", float("nan"))
-        floor = min(med.get("cold_read", float("inf")), med.get("parallel_read", float("inf")))
-        ratios["full / cold read (faster of the two)"] = med["compare_full"] / floor
+        # the issue's floor: both checkpoints read cold, one after the other (`dd bs=16M`); the two-stream read,
+        # which this machine serves faster, is reported beside it as a stricter floor
+        if "cold_read" in med:
+            ratios["full / cold read"] = med["compare_full"] / med["cold_read"]
+        if "parallel_read" in med:
+            ratios["full / parallel read (stricter floor)"] = med["compare_full"] / med["parallel_read"]
         ratios["full / sampled"] = med["compare_full"] / med.get("compare_sampled", float("nan"))
         if "usual_approach" in med:
             ratios["usual / full (time)"] = med["usual_approach"] / med["compare_full"]
@@ -276,15 +283,27 @@ def main() -> None:
     if "compare_full" in call and "compare_sampled" in call:
         # the interpreter and torch import are a fixed cost whatever the model size; sampling cuts the rest
         ratios["full / sampled (compare() call)"] = call["compare_full"] / call["compare_sampled"]
-    print("\n| ratio | value | target |")
-    print("|---|---:|---|")
-    targets = {"full / minimal loop": "≤ 1", "full / cold read (faster of the two)": "≤ 2", "full / sampled": "≥ 5",
-               "usual / full (time)": "≥ 2", "usual / full (RSS)": "≥ 4", "full / sampled (compare() call)": "≥ 5"}
-    for k, v in ratios.items():
-        print(f"| {k} | {v:.2f} | {targets[k]} |")
+    print("\n| ratio | value | target | met |")
+    print("|---|---:|---|---|")
+    # (bound, at most?): the issue's four targets, then figures reported against bounds of our own
+    targets = {"full / minimal loop": (1, True), "full / cold read": (2, True), "full / sampled": (5, False),
+               "full / parallel read (stricter floor)": (2, True), "usual / full (time)": (2, False),
+               "usual / full (RSS)": (4, False), "full / sampled (compare() call)": (5, False)}
+    compare_rss = max((rss[n] for n in ("compare_full", "compare_sampled") if n in rss), default=float("nan"))
+    rows = list(ratios.items()) + [("peak RSS of compare (MiB)", compare_rss)]
+    targets["peak RSS of compare (MiB)"] = (1536, True)
+    met = {}
+    for k, v in rows:
+        bound, at_most = targets[k]
+        met[k] = v <= bound if at_most else v >= bound
+        print(f"| {k} | {v:.2f} | {'≤' if at_most else '≥'} {bound} | {'yes' if met[k] else 'no'} |")
+    issue = ("full / minimal loop", "full / cold read", "full / sampled", "peak RSS of compare (MiB)")
+    if all(k in met for k in issue):
+        print(f"\nthe issue's four targets in this run: {'all met' if all(met[k] for k in issue) else 'NOT all met'}")
     (root / "speed.json").write_text(json.dumps({"size": args.size, "stored_bytes": stored, "machine": machine,
                                                  "median_seconds": med, "import_seconds": imports,
                                                  "call_seconds": call, "peak_rss_mib": rss, "ratios": ratios,
+                                                 "targets_met": met,
                                                  "runs": runs}, indent=1))
 
 
