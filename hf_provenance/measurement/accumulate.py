@@ -218,14 +218,11 @@ class PairAccumulator:
         y = _times_pow2(x, scale) if scale != 1.0 else x
         if shift:
             y = y - shift
-        projection = None
-        if project is not None and blocks == 1 and y is x:
-            w = project.to(x.device)
-            both = torch.stack([torch.ones_like(w), w]) @ x  # column sums and wᵀx: one pass
-            cols, projection = both[:1].double(), both[1]
-        else:  # per-block column sums as a batched product with ones: twice as fast as sum(1) over (B, k, n)
-            k = y.shape[0] // blocks
-            cols = torch.bmm(_ones(k, blocks, y.device), y.view(blocks, k, y.shape[1])).squeeze(1).double()
+        # per-block column sums as a batched product with ones (twice as fast as sum(1) over (B, k, n)), and wᵀx as
+        # a GEMV of its own: two GEMVs take a MiB of float32 in 54 µs, one product with the stacked [1; w] in 70
+        k = y.shape[0] // blocks
+        cols = torch.bmm(_ones(k, blocks, y.device), y.view(blocks, k, y.shape[1])).squeeze(1).double()
+        projection = project.to(x.device) @ x if project is not None and blocks == 1 and y is x else None
         return SideSums(x, y, y.sum(1), cols, _block_dots(y, y, blocks), blocks, projection)
 
     def update(self, a, b, *, blocks: int = 1) -> None:
