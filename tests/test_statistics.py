@@ -291,3 +291,25 @@ def test_a_sampled_compare_does_not_import_scipy(sampled_pair):
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.strip() == "[]", out.stdout
+
+
+@pytest.mark.parametrize("blocks", [1, 3])
+def test_cpu_and_accelerator_reductions_give_the_same_sums(blocks):
+    # the CPU reduces a group with numpy, an accelerator with torch (_device_sums, run here on CPU tensors): both
+    # must give the same per-block sums, equal-element count and extremes of the differences
+    from hf_provenance.measurement import accumulate as acc_mod
+
+    g = torch.Generator().manual_seed(5)
+    a = torch.randn(blocks * 40, 96, generator=g).bfloat16().float()
+    b = a.clone()
+    b[::3] += 0.25 * torch.randn(b[::3].shape, generator=g).bfloat16().float()
+    acc = PairAccumulator(n_cols=96, keep_blocks=True, sketch=False)
+    sa, sb = acc.side(a, "a", blocks), acc.side(b, "b", blocks)
+    d = (sa.raw - sb.raw).reshape(-1)
+    cpu_blocks, cpu_tot = acc_mod._cpu_sums(sa, sb, d, blocks, 40)
+    dev_blocks, dev_tot = acc_mod._device_sums(sa, sb, d, blocks, 40)
+    assert cpu_blocks.shape == dev_blocks.shape == (8, blocks)
+    np.testing.assert_allclose(cpu_blocks, dev_blocks, rtol=1e-5, atol=1e-3)
+    assert cpu_tot[1] == dev_tot[1] == int((a == b).sum()) > 0  # equal elements, exactly
+    assert cpu_tot[0] == pytest.approx(dev_tot[0], rel=1e-5)
+    assert (cpu_tot[2], cpu_tot[3]) == (dev_tot[2], dev_tot[3]) == (-float(d.min()), float(d.max()))
