@@ -320,8 +320,8 @@ def _add_into(dst: torch.Tensor, src, shape=None) -> None:
     """dst += src (a tensor or an array, viewed as ``shape``; float64 accumulation).
 
     CPU tensors are added through numpy views: every torch call lets go of the GIL and waits to take it back, and
-    these small sums are folded on the main thread while the two workers take the GIL in turn (a 2048-value
-    ``.to(float64)`` took 30 µs there instead of 2)."""
+    these small sums are folded on the main thread while the two workers take the GIL in turn (in a profile of a
+    full compare, a 2048-value ``.to(float64)`` there took 30 µs; numpy adds that few values holding the GIL)."""
     if dst.device.type == "cpu" and not (isinstance(src, torch.Tensor) and src.device.type != "cpu"):
         add = src.numpy() if isinstance(src, torch.Tensor) else src
         out = dst.numpy()
