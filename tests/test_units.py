@@ -437,3 +437,43 @@ def test_null_draws_move_a_test_units_not_b():
     # the identity draw leaves A as it is
     same = N.SignedPermutation(torch.arange(k), torch.ones(k))
     assert torch.equal(U._moved(same, av), av)
+
+
+@pytest.fixture(scope="module")
+def layered(tmp_path_factory):
+    """Three layers with noisy permuted MLP units and heads: several batches for the per-layer fits."""
+    from hf_provenance.factory import apply_transform, build_random
+
+    root = tmp_path_factory.mktemp("layered")
+    base = build_random("llama", root / "base", seed=0, hidden=512, layers=3, intermediate=768, vocab=256,
+                        dtype="float32", heads=8, kv_heads=2)
+    return str(base), str(apply_transform(base, root / "perm", "permute_units", noise=0.5))
+
+
+@pytest.mark.parametrize("sample", [None, 0.1])
+def test_layers_fitted_two_at_a_time_give_the_one_thread_result(layered, monkeypatch, sample):
+    # under sampling the layers' fits run on two threads (full reads keep one: their sketches are bigger); the maps,
+    # the tests and their nulls must be those of one thread, whatever finishes first
+    from hf_provenance.alignment import units as U
+    from hf_provenance.measurement import stream
+
+    used = []
+    real = U.parallel_layers
+    monkeypatch.setattr(U, "parallel_layers", lambda workers=None: used.append(workers) or real(workers))
+    base_dir, perm_dir = layered
+
+    def run():
+        base, model = open_model(base_dir), open_model(perm_dir)
+        plan, _ = identity_plan(base, model)
+        new, summary, _ = unit_plan(base, model, plan, seed=3, sample=sample)
+        return json.dumps(summary, sort_keys=True, default=str), [
+            (p.base_name, None if p.cand_rows is None else np.asarray(p.cand_rows).tolist()) for p in new.pairs]
+
+    two = run()
+    monkeypatch.setattr(stream, "WORKERS", 1)
+    one = run()
+    assert used == [1, 1] if sample is None else used == [None, None]
+    assert two == one
+    truth = np.argsort(perms_of(perm_dir)["layer2.mlp"])
+    rows = dict(two[1])["model.layers.2.mlp.gate_proj.weight"]
+    assert np.mean(np.asarray(rows) == truth) > 0.99  # and the maps are right

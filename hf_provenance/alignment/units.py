@@ -52,7 +52,7 @@ from hf_provenance.alignment.assignment import linear_sum_assignment
 from hf_provenance.alignment import nulls as N
 from hf_provenance.alignment.hidden import kept_dimensions
 from hf_provenance.alignment.plan import AlignmentPlan, PairSpec
-from hf_provenance.measurement.stream import read_indexed
+from hf_provenance.measurement.stream import parallel_layers, read_indexed
 from hf_provenance.statistics.effects import _clean
 from hf_provenance.statistics.thresholds import load as load_thresholds
 
@@ -64,6 +64,7 @@ MIN_NULL_UNITS = 64     # ... and at least
 MAX_NULL_GROUPS = 16    # groups of a batch (routed experts of a layer) the null is simulated on
 NULL_FLOPS = 2e11       # budget of one batch's simulated null (fewer test units for wide layers)
 READ_ROWS = 256         # rows per read when sketching
+PARALLEL_FIT_BYTES = 256 << 20  # sketches two sampled fits may hold at once (else one layer at a time)
 IDENTITY_SHARE = 0.95
 
 # MLP kinds: roles of (gate, up, down). Gate is optional (BERT/GPT-2 MLPs have none).
@@ -233,6 +234,14 @@ def read_rows(src, pair: PairSpec, positions: np.ndarray, *, side: str) -> torch
     if pair.row_sign is not None:
         x = x * torch.from_numpy(np.asarray(pair.row_sign, dtype=np.float32)[positions]).unsqueeze(1)
     return x
+
+
+def _fit_bytes(batches, heads, k: int) -> int:
+    """What two concurrent sampled fits may hold: twice the largest batch's float32 sketches (A and B, raw and
+    centred or normalised: four [units, k] arrays a tested group; a head group's attn_output likewise)."""
+    mlp = [sum(g.n_units for g in gs[:MAX_NULL_GROUPS]) for gs in batches]
+    att = [g.pairs["attn_output"].n_cols for g in heads]
+    return 2 * 4 * 4 * k * max(mlp + att, default=0)
 
 
 def sketch_writer(src, pair: PairSpec, sketch: N.ResidualSketch, *, side: str) -> torch.Tensor:
@@ -732,10 +741,17 @@ def unit_plan(base, model, plan: AlignmentPlan, *, seed: int = 0, sample: float 
         if g.down.n_rows != hidden:
             continue
         batches.setdefault((g.layer, g.kind), []).append(g)
-    unit_fits = [(fit_mlp_batch(gs, base, model, sketch, full=full, seed=seed, draws=draws, fit_all=apply_all),
-                  gs) for gs in batches.values()]
-    head_fits = [(fit_heads(g, base, model, sketch, full=full, seed=seed, draws=draws), g) for g in heads
-                 if g.pairs["attn_output"].n_rows == hidden]
+    # layers are fitted independently (each batch draws its null from its own seed), so under sampling two at a
+    # time: a fit is a long run of small tensor operations, which one thread cannot spread over two cores (on an
+    # independent 7B pair, every layer tested and nothing found, the sampled compare took 34.4 s with one core
+    # busy in the searches; 27.8 s this way, same report, same peak RSS). Full reads keep one layer at a time: their
+    # fits also sketch gate and up, and two at once had doubled that compare's peak RSS (1.0 -> 2.1 GB)
+    workers = 1 if full or _fit_bytes(batches.values(), heads, sketch.k) > PARALLEL_FIT_BYTES else None
+    with parallel_layers(workers) as run:
+        unit_fits = run(lambda gs: (fit_mlp_batch(gs, base, model, sketch, full=full, seed=seed, draws=draws,
+                                                  fit_all=apply_all), gs), list(batches.values()))
+        head_fits = run(lambda g: (fit_heads(g, base, model, sketch, full=full, seed=seed, draws=draws), g),
+                        [g for g in heads if g.pairs["attn_output"].n_rows == hidden])
     if not unit_fits and not head_fits or all(f.is_identity for f, _ in unit_fits + head_fits):
         return None
     pairs = {id(p): p for p in plan.pairs}

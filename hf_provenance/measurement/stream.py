@@ -327,6 +327,23 @@ def _intra_op_threads(n: int | None):
             torch.set_num_threads(before)
 
 
+@contextmanager
+def parallel_layers(workers: int | None = None):
+    """``run(fn, items)``: ``[fn(x) for x in items]`` on ``workers`` threads, results in order, with torch and the BLAS
+    pools at one thread each meanwhile (the searches' per-layer fits: independent of each other, each a long run of
+    small tensor operations). The first failure is raised after the others stop being started."""
+    with ThreadPoolExecutor(max_workers=workers or WORKERS, thread_name_prefix="layers") as pool, \
+            _intra_op_threads(1):
+        def run(fn, items):
+            futures = [pool.submit(fn, x) for x in items]
+            try:
+                return [f.result() for f in futures]
+            finally:
+                for f in futures:
+                    f.cancel()
+        yield run
+
+
 def _blas_limits(n: int):
     """threadpoolctl's limit on the BLAS pools loaded in the process (a no-op context where it cannot apply one)."""
     try:
