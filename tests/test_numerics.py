@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import warnings
 
 import pytest
 import torch
@@ -39,6 +40,9 @@ def test_nan_inf_zero_constant_and_denormal_tensors(pair, tmp_path):
         if name.endswith("layers.0.self_attn.q_proj.weight"):
             v = v.clone()
             v[0, 0], v[1, 1], v[2, 2] = float("nan"), float("inf"), float("-inf")
+        elif name.endswith("layers.0.mlp.up_proj.weight"):
+            v = v.clone()
+            v[0] = float("inf")  # a row of +Inf against signed values: Inf - Inf inside the products
         elif name.endswith("layers.1.self_attn.k_proj.weight"):
             v = torch.zeros_like(v)
         elif name.endswith("layers.1.self_attn.v_proj.weight"):
@@ -48,7 +52,9 @@ def test_nan_inf_zero_constant_and_denormal_tensors(pair, tmp_path):
         return v
 
     model = _edit(ft, tmp_path / "poisoned", poison)
-    c = _strict_json(compare(model, [base]))
+    with warnings.catch_warnings():  # non-finite values are counted and masked, never a warning line on stderr
+        warnings.simplefilter("error")
+        c = _strict_json(compare(model, [base]))
     assert c["verdict"] == "derived"  # the rest of the evidence stands
     by_name = {t["name"]: t for t in c["tensors"]}
     q = by_name["model.layers.0.self_attn.q_proj.weight"]

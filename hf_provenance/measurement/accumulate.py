@@ -325,7 +325,8 @@ def _add_into(dst: torch.Tensor, src, shape=None) -> None:
     if dst.device.type == "cpu" and not (isinstance(src, torch.Tensor) and src.device.type != "cpu"):
         add = src.numpy() if isinstance(src, torch.Tensor) else src
         out = dst.numpy()
-        out += add.reshape(shape) if shape is not None else add
+        with np.errstate(all="ignore"):  # Inf + -Inf in a fold of non-finite values, reported elsewhere
+            out += add.reshape(shape) if shape is not None else add
     else:
         src = torch.as_tensor(src, device=dst.device)
         dst += (src.reshape(shape) if shape is not None else src).to(dst.dtype)
@@ -358,7 +359,8 @@ def _block_dots(x: torch.Tensor, y: torch.Tensor, blocks: int) -> torch.Tensor:
     takes 35-40 µs on this machine's AMD cores)."""
     if blocks == 1:
         if x.device.type == "cpu":
-            return torch.from_numpy(np.atleast_1d(np.dot(x.numpy().reshape(-1), y.numpy().reshape(-1))))
+            with np.errstate(all="ignore"):  # Inf - Inf inside: the caller counts and masks non-finite values
+                return torch.from_numpy(np.atleast_1d(np.dot(x.numpy().reshape(-1), y.numpy().reshape(-1))))
         return torch.dot(x.reshape(-1), y.reshape(-1)).reshape(1)
     return torch.linalg.vecdot(x.reshape(blocks, -1), y.reshape(blocks, -1))
 
@@ -366,7 +368,8 @@ def _block_dots(x: torch.Tensor, y: torch.Tensor, blocks: int) -> torch.Tensor:
 def _count_equal(x: torch.Tensor, y: torch.Tensor) -> int:
     """Elements where x == y (NaN never equal)."""
     if x.device.type == "cpu":  # numpy's comparison and count: 40 µs a MiB of float32, torch's eq + sum 300+
-        return int(np.count_nonzero(x.numpy() == y.numpy()))
+        with np.errstate(all="ignore"):
+            return int(np.count_nonzero(x.numpy() == y.numpy()))
     return int((x == y).sum())
 
 
@@ -378,14 +381,17 @@ def _cpu_sums(sa: "SideSums", sb: "SideSums", d: torch.Tensor, nb: int, k: int):
     on the 1b benchmark pair this step's CPU time fell from 1.79 to 1.51 s); the products of row sums (k values a
     block) are taken in float64."""
     dn = d.numpy().reshape(-1)
-    ra = sa.rows.numpy().astype(np.float64).reshape(nb, k)
-    rb = sb.rows.numpy().astype(np.float64).reshape(nb, k)
-    per_block = np.stack([
-        sa.sq.numpy(), sb.sq.numpy(), _block_dots(sa.x, sb.x, nb).numpy(), ra.sum(1), rb.sum(1),
-        (ra * rb).sum(1), (ra * ra).sum(1), (rb * rb).sum(1)]).astype(np.float64)
-    if not dn.size:
-        return per_block, (0.0, 0, 0.0, 0.0)
-    return per_block, (float(np.dot(dn, dn)), int(np.count_nonzero(dn == 0)), -float(dn.min()), float(dn.max()))
+    # NaN/Inf give NaN/Inf sums quietly (as torch's do): ``measure`` then counts them and masks them
+    with np.errstate(all="ignore"):
+        ra = sa.rows.numpy().astype(np.float64).reshape(nb, k)
+        rb = sb.rows.numpy().astype(np.float64).reshape(nb, k)
+        per_block = np.stack([
+            sa.sq.numpy(), sb.sq.numpy(), _block_dots(sa.x, sb.x, nb).numpy(), ra.sum(1), rb.sum(1),
+            (ra * rb).sum(1), (ra * ra).sum(1), (rb * rb).sum(1)]).astype(np.float64)
+        if not dn.size:
+            return per_block, (0.0, 0, 0.0, 0.0)
+        return per_block, (float(np.dot(dn, dn)), int(np.count_nonzero(dn == 0)), -float(dn.min()),
+                           float(dn.max()))
 
 
 def _device_sums(sa: "SideSums", sb: "SideSums", d: torch.Tensor, nb: int, k: int):
