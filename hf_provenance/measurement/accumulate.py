@@ -120,7 +120,7 @@ class SimHasher:
 
     def add(self, share: torch.Tensor) -> None:
         """Add a ``contribution``, or s_rᵀ·x computed elsewhere (the measurement fuses it with the column sums)."""
-        _add_into(self.acc, share, (self.groups, self.n_cols))
+        self.acc += share.to("cpu", torch.float64).reshape(self.groups, self.n_cols)
 
     def update(self, rows: torch.Tensor, first_row: int) -> None:
         self.add(self.contribution(rows, first_row))
@@ -274,8 +274,8 @@ class PairAccumulator:
     def add(self, r: "BlockResult") -> None:
         """Fold one group's contribution into the totals (callers add groups in row order: deterministic sums)."""
         self.totals += r.scalars.sum(0)
-        _add_into(self.col_a, r.col_a.sum(0) if r.col_a.device.type != "cpu" else r.col_a.numpy().sum(0))
-        _add_into(self.col_b, r.col_b.sum(0) if r.col_b.device.type != "cpu" else r.col_b.numpy().sum(0))
+        self.col_a += r.col_a.sum(0)
+        self.col_b += r.col_b.sum(0)
         self.sdd += r.sdd
         self.equal += r.equal
         self.cast_equal += r.cast_equal
@@ -314,22 +314,6 @@ class PairAccumulator:
     @property
     def raw_max_abs_diff(self) -> float:
         return self.max_abs_diff
-
-
-def _add_into(dst: torch.Tensor, src, shape=None) -> None:
-    """dst += src (a tensor or an array, viewed as ``shape``; float64 accumulation).
-
-    CPU tensors are added through numpy views: every torch call lets go of the GIL and waits to take it back, and
-    these small sums are folded on the main thread while the two workers take the GIL in turn (in a profile of a
-    full compare, a 2048-value ``.to(float64)`` there took 30 µs; numpy adds that few values holding the GIL)."""
-    if dst.device.type == "cpu" and not (isinstance(src, torch.Tensor) and src.device.type != "cpu"):
-        add = src.numpy() if isinstance(src, torch.Tensor) else src
-        out = dst.numpy()
-        with np.errstate(all="ignore"):  # Inf + -Inf in a fold of non-finite values, reported elsewhere
-            out += add.reshape(shape) if shape is not None else add
-    else:
-        src = torch.as_tensor(src, device=dst.device)
-        dst += (src.reshape(shape) if shape is not None else src).to(dst.dtype)
 
 
 @functools.lru_cache(maxsize=16)

@@ -331,7 +331,11 @@ def _intra_op_threads(n: int | None):
 def parallel_layers(workers: int | None = None):
     """``run(fn, items)``: ``[fn(x) for x in items]`` on ``workers`` threads, results in order, with torch and the BLAS
     pools at one thread each meanwhile (the searches' per-layer fits: independent of each other, each a long run of
-    small tensor operations). The first failure is raised after the others stop being started."""
+    small tensor operations). The first failure is raised after the others stop being started. ``workers=1``: on
+    this thread, torch's own threads left as they are (one layer at a time, as before there was a choice)."""
+    if workers == 1:
+        yield lambda fn, items: [fn(x) for x in items]
+        return
     with ThreadPoolExecutor(max_workers=workers or WORKERS, thread_name_prefix="layers") as pool, \
             _intra_op_threads(1):
         def run(fn, items):
